@@ -1,0 +1,3 @@
+from unified_vlm.callbacks.evaluation_report import EvaluationReport
+
+__all__ = ["EvaluationReport"]

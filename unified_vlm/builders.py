@@ -1,0 +1,94 @@
+"""Turn config specs into modules, resolving ``builtin`` weights (shipped, cached, or trained once)."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from unified_vlm.assets import BUILTIN, cached, shipped
+from unified_vlm.registry import ENCODERS
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_CORPUS_WATCHES = 4000
+
+
+def watch_text_corpus(num_watches: int = TOKENIZER_CORPUS_WATCHES, seed: int = 0) -> list[str]:
+    """Every conversation turn of ``num_watches`` generated training watches (all tasks)."""
+    from unified_vlm.datamodules.streams import WatchStream
+
+    stream = WatchStream(split="train", num_watches=num_watches, seed=seed, image_size=32)
+    return [turn["value"] for i in range(len(stream)) for turn in stream.record(i)["conversations"]]
+
+
+def build_text_tokenizer(path: str):
+    """``builtin`` -> the shipped watch tokenizer, else a cached one, else train it (seconds)."""
+    from unified_vlm.text_tokenizer import load_text_tokenizer, train_text_tokenizer
+
+    if path != BUILTIN:
+        return load_text_tokenizer(path)
+    found = shipped("watch_tokenizer")
+    if found is not None:
+        return load_text_tokenizer(found)
+    target = cached("watch_tokenizer")
+    if not target.is_dir():
+        log.warning("no built-in text tokenizer at %s: training one on the watch texts (a few seconds)", target)
+        save_text_tokenizer_atomically(train_text_tokenizer(watch_text_corpus()), target)
+    return load_text_tokenizer(target)
+
+
+def save_text_tokenizer_atomically(tokenizer, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_encoder_weights(name: str, weights: str | None) -> str | None:
+    if weights != BUILTIN:
+        return weights
+    if name != "siglip":
+        raise ValueError(f"encoder.weights: builtin only exists for the 'siglip' encoder, not {name!r}; give a local path or null")
+    found = shipped("watch_encoder")
+    if found is not None:
+        return str(found)
+    from unified_vlm.models.encoder_pretrain import load_or_pretrain_encoder
+
+    return str(load_or_pretrain_encoder(None))
+
+
+def build_encoder(spec) -> nn.Module:
+    weights = resolve_encoder_weights(spec.name, spec.weights)
+    kwargs = dict(spec.options)
+    if weights is not None:
+        kwargs["weights"] = weights
+    return ENCODERS.create(spec.name, **kwargs)
+
+
+def build_vq_tokenizer(path: str | None):
+    from unified_vlm.models.vq_module import load_or_train_vq_tokenizer
+    from unified_vlm.models.vq_tokenizer import VQTokenizer
+
+    if path is None:
+        raise ValueError("image_output.tokenizer is null: a VQ output space needs a tokenizer (a local dir or builtin)")
+    if path != BUILTIN:
+        return VQTokenizer.from_pretrained(path)
+    found = shipped("watch_vq")
+    if found is not None:
+        return VQTokenizer.from_pretrained(found)
+    return load_or_train_vq_tokenizer(None)
+
+
+def build_output_space(spec) -> nn.Module:
+    from unified_vlm.models.output_spaces import VQOutputSpace
+
+    if spec.space == "vq":
+        return VQOutputSpace(build_vq_tokenizer(spec.tokenizer))
+    raise ValueError(f"unknown image_output.space {spec.space!r}; available: vq")

@@ -1,0 +1,74 @@
+"""``python -m unified_vlm <command>``: LightningCLI's fit/validate/test/predict plus the tools.
+
+Tool subcommands map to plain ``main(argv)`` functions (litgpt style); training subcommands go
+through LightningCLI so every YAML key is type-checked against the code that consumes it.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Callable, Optional
+
+TOOLS: dict[str, tuple[str, str]] = {
+    "data": ("unified_vlm.datamodules.materialize:main", "materialise Smart Watch UI splits to PNG + JSONL"),
+    "list": ("unified_vlm.cli:list_main", "list registered encoders, quantizers, projectors, heads, backbones"),
+    "pretrain-encoder": ("unified_vlm.models.encoder_pretrain:main", "supervised attribute pretraining of the watch encoder"),
+    "train-vq": ("unified_vlm.models.vq_module:main", "train the VQ image tokenizer on watch images"),
+    "build-assets": ("unified_vlm.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
+}
+LIGHTNING = {
+    "fit": "train a model (then score it on the test split)",
+    "validate": "validation loss of a checkpoint",
+    "test": "score a checkpoint: VQA per attribute + generated watches",
+    "predict": "answer / generate for the test split with a checkpoint",
+}
+
+
+def _load(target: str) -> Callable[[Optional[list[str]]], int]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def list_main(argv: Optional[list[str]] = None) -> int:
+    """Print every registry and its entries with a one-line description."""
+    import unified_vlm.models  # noqa: F401  (registers everything)
+    from unified_vlm.registry import ALL_REGISTRIES
+
+    for kind, registry in ALL_REGISTRIES.items():
+        print(f"{kind}:")
+        for name, doc in registry.describe():
+            print(f"  {name:<22} {doc}")
+    return 0
+
+
+def print_help() -> None:
+    print("usage: python -m unified_vlm <command> [options]\n\ncommands:")
+    for name, text in LIGHTNING.items():
+        print(f"  {name:<18} {text}")
+    for name, (_, text) in TOOLS.items():
+        print(f"  {name:<18} {text}")
+    print("\n'python -m unified_vlm <command> --help' shows a command's options.")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        print_help()
+        return 0
+    command = argv[0]
+    if command in TOOLS:
+        return int(_load(TOOLS[command][0])(argv[1:]) or 0)
+    if command not in LIGHTNING:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(LIGHTNING) + list(TOOLS), n=2)
+        print(f"unknown command {command!r}." + (f" Did you mean {' or '.join(close)}?" if close else ""), file=sys.stderr)
+        print_help()
+        return 2
+    from unified_vlm.lightning_cli import run_lightning_cli
+
+    run_lightning_cli(argv)
+    return 0

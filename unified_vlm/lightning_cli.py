@@ -1,0 +1,35 @@
+"""LightningCLI wiring for UnifiedVLM + UnifiedDataModule."""
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from unified_vlm.callbacks import EvaluationReport
+from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
+from unified_vlm.models.unified import UnifiedVLM
+
+
+class UnifiedCLI(LightningCLI):
+    """Adds an always-on evaluation report and checkpointing, and scores the model after ``fit``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(EvaluationReport, "report")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="score the trained model on the test split after fit")
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit", True) and not self.trainer.fast_dev_run:
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def run_lightning_cli(argv: list[str]) -> UnifiedCLI:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return UnifiedCLI(
+        UnifiedVLM,
+        UnifiedDataModule,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+    )

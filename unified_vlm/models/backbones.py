@@ -1,0 +1,76 @@
+"""Language backbones: any Hugging Face causal LM, tiny from a config or from a local directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from unified_vlm.registry import BACKBONES
+
+
+@BACKBONES.register("qwen2")
+def qwen2_from_config(
+    vocab_size: int,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int = 768,
+    max_position_embeddings: int = 2048,
+    rope_theta: float = 10000.0,
+) -> nn.Module:
+    """A randomly initialised Qwen2 causal LM of the given size (no download)."""
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        rope_theta=rope_theta,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(config)
+
+
+@BACKBONES.register("llama")
+def llama_from_config(
+    vocab_size: int,
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int = 768,
+    max_position_embeddings: int = 2048,
+) -> nn.Module:
+    """A randomly initialised Llama causal LM (the Vicuna family) of the given size."""
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config)
+
+
+@BACKBONES.register("pretrained")
+def pretrained_causal_lm(vocab_size: int, path: str, dtype: str = "auto") -> nn.Module:
+    """Any HF causal LM saved in a local directory (``save_pretrained``); never downloads."""
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"backbone 'pretrained': no config.json in {directory}. Point backbone.options.path at a local "
+            "directory written by save_pretrained (the run has no internet access)."
+        )
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    return model

@@ -1,0 +1,105 @@
+"""Typed configuration of a unified VLM: the source of truth for YAML configs and ``--help``.
+
+Every field is a primitive (str, int, float, bool, dict of primitives), so hyperparameters
+saved in checkpoints reload across versions without pickled objects.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+
+@dataclass
+class EncoderSpec:
+    """The understanding-side vision encoder."""
+
+    name: str = "siglip"
+    """Registered encoder name (``python -m unified_vlm list``)."""
+    weights: Optional[str] = "builtin"
+    """Local weights directory; ``builtin`` = the watch encoder shipped with the package (pretrained
+    and cached on first use when absent); null = random initialisation from ``options``."""
+    freeze: bool = True
+    """Freeze the encoder (the paper always does)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the encoder factory (e.g. feature_layer, feature_select)."""
+
+
+@dataclass
+class BackboneSpec:
+    """The language backbone."""
+
+    name: str = "qwen2"
+    """Registered backbone: ``qwen2`` / ``llama`` (tiny, from a config) or ``pretrained`` (local dir)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the backbone factory (hidden_size, num_layers, ... or path)."""
+
+
+@dataclass
+class ImageOutputSpec:
+    """The generation side: what image tokens the LM reads and predicts."""
+
+    space: str = "vq"
+    """Output space: ``vq`` (discrete VQ codes, classification head)."""
+    tokenizer: Optional[str] = "builtin"
+    """VQ tokenizer directory; ``builtin`` = the shipped watch tokenizer (trained and cached if absent)."""
+    head: str = "vq_classification"
+    """Registered output head."""
+    loss_weight: float = 0.2
+    """alpha in loss = text CE + alpha * image loss (paper: 0.2 for VQ heads, 1.0 for continuous)."""
+    projector: str = "linear"
+    """Projector type for generation-side inputs (teacher-forced image tokens)."""
+    share_projector: Optional[bool] = None
+    """Feed generation inputs through the understanding projector. null = share exactly when input
+    and output spaces are aligned (both VQ); the choice is logged at start-up (PAPER.md 7.3)."""
+
+
+@dataclass
+class OptimSpec:
+    """AdamW with linear warmup and cosine decay, one learning rate per parameter group."""
+
+    lr: float = 1e-3
+    """Learning rate of the language backbone."""
+    projector_lr: float = 1e-3
+    """Learning rate of projectors and output heads (paper: mm_projector_lr)."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.03
+    """Fraction of the total steps spent in linear warmup (paper: 0.03)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
+
+
+@dataclass
+class SamplingSpec:
+    """Decoding settings used at test/predict time."""
+
+    max_new_tokens: int = 24
+    """Text tokens generated per answer (answers are short: 'HH:MM:SS', 'N%', a corner)."""
+    temperature: float = 0.0
+    """0 = greedy for text; image tokens use ``image_temperature``."""
+    image_temperature: float = 0.0
+    """Sampling temperature for image tokens (0 = greedy, the paper's setting)."""
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: int = 0
+    """Seed of the sampler, so a fixed seed gives the same images."""
+
+
+def coerce(spec_type, value):
+    """Accept a spec dataclass, a plain dict (from a checkpoint) or None (defaults)."""
+    if value is None:
+        return spec_type()
+    if isinstance(value, spec_type):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(spec_type)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise TypeError(f"{spec_type.__name__} has no field(s) {unknown}; known fields: {sorted(known)}")
+        return spec_type(**value)
+    raise TypeError(f"expected {spec_type.__name__} or dict, got {type(value).__name__}")
+
+
+def to_primitive(spec) -> dict:
+    out = asdict(spec)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

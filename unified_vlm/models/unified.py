@@ -1,0 +1,475 @@
+"""UnifiedVLM: one language backbone that answers questions about images and generates images.
+
+Understanding: encoder tokens -> understanding projector -> spliced into the LM's input
+embeddings at IMAGE_PAD slots. Generation: ground-truth image tokens (VQ codes) are
+teacher-forced through the generation projector at GEN_PAD slots, and an output head reads the
+hidden state *before* each slot to predict that slot's token. Loss = text CE + alpha * image
+loss (PAPER.md 2.5 and 3.1).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from unified_vlm.models.config import (
+    BackboneSpec,
+    EncoderSpec,
+    ImageOutputSpec,
+    OptimSpec,
+    SamplingSpec,
+    coerce,
+    to_primitive,
+)
+from unified_vlm.registry import BACKBONES, ENCODERS, HEADS, PROJECTORS
+from unified_vlm.tokens import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+TEXT, IMAGE, DONE = 0, 1, 2
+
+
+@dataclass
+class Generated:
+    """One sample's generation: text token ids (image tokens excluded) and image targets."""
+
+    text_ids: list[int]
+    image_tokens: Optional[torch.Tensor]  # (N,) codes or (N, D) features; None if no image
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """Top-k then nucleus filtering on (B, V) logits; filtered entries become -inf."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        remove = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Greedy when temperature <= 0, else temperature / top-k / top-p sampling. (B, V) -> (B,)."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class UnifiedVLM(L.LightningModule):
+    """A unified VLM composed from registered parts; see the module docstring for the data flow."""
+
+    def __init__(
+        self,
+        text_tokenizer: str = "builtin",
+        encoder: Optional[EncoderSpec] = None,
+        backbone: Optional[BackboneSpec] = None,
+        image_output: Optional[ImageOutputSpec] = None,
+        und_projector: str = "mlp",
+        optim: Optional[OptimSpec] = None,
+        sampling: Optional[SamplingSpec] = None,
+        max_length: int = 512,
+    ) -> None:
+        super().__init__()
+        encoder, backbone = coerce(EncoderSpec, encoder), coerce(BackboneSpec, backbone)
+        image_output, optim = coerce(ImageOutputSpec, image_output), coerce(OptimSpec, optim)
+        sampling = coerce(SamplingSpec, sampling)
+        self.save_hyperparameters(
+            {
+                "text_tokenizer": text_tokenizer,
+                "encoder": to_primitive(encoder),
+                "backbone": to_primitive(backbone),
+                "image_output": to_primitive(image_output),
+                "und_projector": und_projector,
+                "optim": to_primitive(optim),
+                "sampling": to_primitive(sampling),
+                "max_length": max_length,
+            }
+        )
+        self.optim_spec, self.sampling_spec = optim, sampling
+        from unified_vlm.builders import build_encoder, build_output_space, build_text_tokenizer
+        from unified_vlm.datamodules.collate import ConversationCollator
+        from unified_vlm.text_tokenizer import special_token_ids
+
+        self.tokenizer = build_text_tokenizer(text_tokenizer)
+        self.ids = special_token_ids(self.tokenizer)
+        self.encoder = build_encoder(encoder)
+        self.encoder_frozen = encoder.freeze
+        if encoder.freeze:
+            self.encoder.requires_grad_(False)
+        self.output_space = build_output_space(image_output)
+        self.lm = BACKBONES.create(backbone.name, vocab_size=len(self.tokenizer), **backbone.options)
+        hidden = self.lm.config.hidden_size
+
+        self.und_projector = PROJECTORS.create(und_projector, in_dim=self.encoder.feature_dim, out_dim=hidden)
+        aligned = encoder.name == "vq_codes" and image_output.space == "vq"
+        share = aligned if image_output.share_projector is None else image_output.share_projector
+        if share:
+            if self.encoder.feature_dim != self.output_space.feature_dim:
+                raise ValueError(
+                    f"image_output.share_projector=true needs equal feature sizes, but the encoder gives "
+                    f"{self.encoder.feature_dim} and the output space {self.output_space.feature_dim}; "
+                    "set share_projector: false"
+                )
+            self.gen_projector = self.und_projector
+        else:
+            self.gen_projector = PROJECTORS.create(
+                image_output.projector, in_dim=self.output_space.feature_dim, out_dim=hidden
+            )
+        self.shares_projector = share
+        log.info(
+            "generation inputs %s the understanding projector (%s)",
+            "share" if share else "do not share",
+            "explicit" if image_output.share_projector is not None else ("aligned spaces" if aligned else "misaligned spaces"),
+        )
+        if self.output_space.discrete:
+            self.head = HEADS.create(image_output.head, hidden_size=hidden, codebook_size=self.output_space.target_size)
+        else:
+            self.head = HEADS.create(image_output.head, hidden_size=hidden, feature_dim=self.output_space.feature_dim)
+        if getattr(self.head, "discrete", True) != self.output_space.discrete:
+            raise ValueError(
+                f"head {image_output.head!r} does not fit output space {image_output.space!r}: "
+                f"{'discrete' if self.output_space.discrete else 'continuous'} targets need a matching head"
+            )
+        self.alpha = image_output.loss_weight
+        self.collator = ConversationCollator(
+            tokenizer=self.tokenizer,
+            num_understanding_tokens=self.encoder.num_tokens,
+            num_generation_tokens=self.output_space.num_tokens,
+            max_length=max_length,
+        )
+        self.test_records: list[dict] = []  # filled by test_step, read by the report callbacks
+
+    # ------------------------------------------------------------------ modules
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        self.output_space.eval()
+        return self
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.lm.get_decoder()
+
+    def encode_understanding(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (N,3,H,W) in [0,1] -> projected tokens (N, T, hidden)."""
+        if self.encoder_frozen:
+            with torch.no_grad():
+                feats = self.encoder(images)
+        else:
+            feats = self.encoder(images)
+        return self.und_projector(feats)
+
+    def embed_generation_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Image targets (N, T[, D]) -> projected generation-side input tokens (N, T, hidden)."""
+        return self.gen_projector(self.output_space.input_features(targets))
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        und_pixel_values: Optional[torch.Tensor] = None,
+        gen_targets: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features spliced in at IMAGE_PAD / GEN_PAD slots."""
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        for slot, source, fn in (
+            (self.ids["image_pad"], und_pixel_values, self.encode_understanding),
+            (self.ids["gen_pad"], gen_targets, self.embed_generation_targets),
+        ):
+            mask = input_ids == slot
+            n_slots = int(mask.sum())
+            if n_slots == 0:
+                continue
+            if source is None or len(source) == 0:
+                raise ValueError(f"batch has {n_slots} image slots (token id {slot}) but no images for them")
+            feats = fn(source)
+            if feats.shape[0] * feats.shape[1] != n_slots:
+                raise ValueError(
+                    f"batch has {n_slots} image slots (token id {slot}) but {feats.shape[0]} image(s) x "
+                    f"{feats.shape[1]} tokens were given: the collator and the model disagree on tokens per image"
+                )
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
+        return embeds
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        gen_pixels = batch.get("gen_pixel_values")
+        gen_targets = self.output_space.targets(gen_pixels) if gen_pixels is not None and len(gen_pixels) else None
+        embeds = self.embed_inputs(input_ids, batch.get("und_pixel_values"), gen_targets)
+        hidden = self.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+
+        text_logits = self.lm.lm_head(hidden[:, :-1])
+        text_loss = F.cross_entropy(
+            text_logits.float().reshape(-1, text_logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        # The hidden state before each GEN_PAD slot predicts that slot's image token.
+        slot_mask = input_ids[:, 1:] == self.ids["gen_pad"]
+        if gen_targets is not None:
+            prediction = self.head(hidden[:, :-1][slot_mask])
+            target = gen_targets.reshape(prediction.shape[0], *gen_targets.shape[2:])
+            image_loss = self.head.loss(prediction, target)
+        else:  # keep every head parameter in the graph (DDP) with a zero contribution
+            image_loss = sum(p.sum() for p in self.head.parameters()) * 0.0
+        if batch.get("und_pixel_values") is None or not (input_ids == self.ids["image_pad"]).any():
+            text_loss = text_loss + sum(p.sum() for p in self.und_projector.parameters()) * 0.0
+        if gen_targets is None and not self.shares_projector:
+            image_loss = image_loss + sum(p.sum() for p in self.gen_projector.parameters()) * 0.0
+        return {"loss": text_loss + self.alpha * image_loss, "text_loss": text_loss, "image_loss": image_loss}
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        out = self(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=stage != "train")
+        self.log(f"{stage}/text_loss", out["text_loss"], prog_bar=stage == "train", batch_size=bs, sync_dist=stage != "train")
+        self.log(f"{stage}/image_loss", out["image_loss"], prog_bar=stage == "train", batch_size=bs, sync_dist=stage != "train")
+        return out["loss"]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def configure_optimizers(self):
+        spec = self.optim_spec
+        adapters = list(self.und_projector.parameters()) + list(self.head.parameters())
+        if not self.shares_projector:
+            adapters += list(self.gen_projector.parameters())
+        adapter_ids = {id(p) for p in adapters}
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad or id(p) in adapter_ids:
+                continue
+            (no_decay if p.ndim < 2 or "norm" in name or "embed" in name else decay).append(p)
+        groups = [
+            {"params": decay, "lr": spec.lr, "weight_decay": spec.weight_decay, "name": "backbone"},
+            {"params": no_decay, "lr": spec.lr, "weight_decay": 0.0, "name": "backbone_no_decay"},
+            {"params": [p for p in adapters if p.requires_grad], "lr": spec.projector_lr, "weight_decay": 0.0, "name": "projectors_heads"},
+        ]
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, betas=tuple(spec.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(spec.warmup_ratio * total))
+
+        def lr_lambda(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ generation
+    def _decode_step(self, embeds, attention_mask, position_ids, cache):
+        out = self.decoder(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state[:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        und_images: Optional[list[Optional[torch.Tensor]]] = None,
+        max_new_tokens: Optional[int] = None,
+        image_policy: str = "auto",
+        temperature: Optional[float] = None,
+        image_temperature: Optional[float] = None,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        seed: Optional[int] = None,
+        use_cache: bool = True,
+    ) -> list[Generated]:
+        """Batched prefill-then-decode over text and image tokens.
+
+        Text tokens are sampled from the LM head. After IMAGE_START the sample switches to image
+        mode: the output head predicts ``num_tokens`` image tokens, each fed back through the
+        generation projector, then IMAGE_END is appended and the sample stops. ``image_policy``:
+        ``auto`` (the model decides), ``force`` (an image is always produced: ending the turn
+        before one opens it instead) or ``never`` (IMAGE_START is masked). With ``use_cache=False``
+        every step recomputes the whole sequence (the paper's loop); both give the same tokens.
+        """
+        if image_policy not in ("auto", "force", "never"):
+            raise ValueError(f"image_policy must be auto, force or never, got {image_policy!r}")
+        s = self.sampling_spec
+        max_new_tokens = s.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = s.temperature if temperature is None else temperature
+        image_temperature = s.image_temperature if image_temperature is None else image_temperature
+        top_k = s.top_k if top_k is None else top_k
+        top_p = s.top_p if top_p is None else top_p
+        generator = torch.Generator(device="cpu").manual_seed(s.seed if seed is None else seed)
+        device = self.device
+        B = len(prompts)
+        ids = self.ids
+        und_images = und_images or [None] * B
+
+        # Left-pad the prompts so every sample's next token sits in the last column.
+        length = max(len(p) for p in prompts)
+        input_ids = torch.full((B, length), ids["pad"], dtype=torch.long)
+        attention = torch.zeros((B, length), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention[i, length - len(p):] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        images = [im for im in und_images if im is not None]
+        und = torch.stack(images).to(device) if images else None
+        embeds = self.embed_inputs(input_ids, und)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+
+        cache = DynamicCache(config=self.lm.config) if use_cache else None
+        hidden = self._decode_step(embeds, attention, positions, cache)
+        all_embeds = embeds
+
+        n_img = self.output_space.num_tokens
+        mode = [TEXT] * B
+        text_out: list[list[int]] = [[] for _ in range(B)]
+        image_out: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        embed_tokens = self.lm.get_input_embeddings()
+        stop_ids = {ids["end_turn"], ids["eos"]}
+        while any(m != DONE for m in mode):
+            next_embeds = embed_tokens(torch.full((B,), ids["pad"], device=device, dtype=torch.long)).clone()
+            next_mask = torch.zeros(B, dtype=torch.long, device=device)
+            text_rows = [i for i in range(B) if mode[i] == TEXT]
+            image_rows = [i for i in range(B) if mode[i] == IMAGE]
+            if text_rows:
+                logits = self.lm.lm_head(hidden[text_rows]).float()
+                if image_policy == "never":
+                    logits[:, ids["image_start"]] = float("-inf")
+                if image_policy == "force":
+                    for sid in stop_ids:
+                        logits[:, sid] = float("-inf")
+                tokens = sample_logits(logits, temperature, top_k, top_p, generator).tolist()
+                for row, token in zip(text_rows, tokens):
+                    if image_policy == "force" and len(text_out[row]) + 1 >= max_new_tokens:
+                        token = ids["image_start"]
+                    text_out[row].append(token)
+                    next_embeds[row] = embed_tokens(torch.tensor(token, device=device))
+                    next_mask[row] = 1
+                    if token == ids["image_start"] and image_policy != "never":
+                        mode[row] = IMAGE
+                    elif token in stop_ids or len(text_out[row]) >= max_new_tokens:
+                        mode[row] = DONE
+            if image_rows:
+                rows_done = [i for i in image_rows if len(image_out[i]) == n_img]
+                active = [i for i in image_rows if len(image_out[i]) < n_img]
+                for row in rows_done:  # image complete: close it and stop
+                    text_out[row].append(ids["image_end"])
+                    next_embeds[row] = embed_tokens(torch.tensor(ids["image_end"], device=device))
+                    next_mask[row] = 1
+                    mode[row] = DONE
+                if active:
+                    pred = self.head(hidden[active])
+                    if self.output_space.discrete:
+                        token = sample_logits(pred, image_temperature, top_k, top_p, generator)
+                    else:
+                        token = pred.float()
+                    feats = self.embed_generation_targets(token.unsqueeze(1)).squeeze(1)
+                    for j, row in enumerate(active):
+                        image_out[row].append(token[j].detach().cpu())
+                        next_embeds[row] = feats[j].to(next_embeds.dtype)
+                        next_mask[row] = 1
+            if all(m == DONE for m in mode):
+                break  # the final tokens are recorded; no need to run the LM on them
+            attention = torch.cat([attention, next_mask[:, None]], dim=1)
+            new_pos = positions[:, -1:] + 1
+            positions = torch.cat([positions, new_pos], dim=1)
+            step_embeds = next_embeds[:, None].to(all_embeds.dtype)
+            if use_cache:
+                hidden = self._decode_step(step_embeds, attention, new_pos, cache)
+            else:
+                all_embeds = torch.cat([all_embeds, step_embeds], dim=1)
+                hidden = self._decode_step(all_embeds, attention, positions, None)
+        return [
+            Generated(text_ids=text_out[i], image_tokens=torch.stack(image_out[i]) if image_out[i] else None)
+            for i in range(B)
+        ]
+
+    # ------------------------------------------------------------------ evaluation
+    def answer_vqa(self, records: list[dict]) -> list[dict]:
+        """Answer every human turn of every VQA record (earlier turns' ground truth as context)."""
+        from unified_vlm.datamodules.collate import decode_answer
+
+        jobs = []
+        for rec in records:
+            turns = rec["conversations"]
+            for t in range(len(turns) // 2):
+                jobs.append((rec, t, self.collator.encode_prompt(turns, t)))
+        results = []
+        for start in range(0, len(jobs), 64):
+            chunk = jobs[start:start + 64]
+            outs = self.generate([p for _, _, p in chunk], [r["image"] for r, _, _ in chunk], image_policy="never")
+            for (rec, t, _), out in zip(chunk, outs):
+                results.append(
+                    {
+                        "record_id": rec["id"],
+                        "turn": t,
+                        "question": rec["conversations"][2 * t]["value"],
+                        "ground_truth": rec["conversations"][2 * t + 1]["value"],
+                        "answer": decode_answer(self.tokenizer, out.text_ids),
+                    }
+                )
+        return results
+
+    def generate_images(self, records: list[dict], **sampling: Any) -> list[Optional[torch.Tensor]]:
+        """Generate one image per generation record from its first human turn; (3,H,W) in [0,1]."""
+        prompts = [self.collator.encode_prompt(rec["conversations"], 0) for rec in records]
+        outs = self.generate(prompts, image_policy="force", **sampling)
+        images: list[Optional[torch.Tensor]] = [None] * len(outs)
+        done = [i for i, o in enumerate(outs) if o.image_tokens is not None and len(o.image_tokens) == self.output_space.num_tokens]
+        if done:
+            decoded = self.output_space.decode(torch.stack([outs[i].image_tokens for i in done]).to(self.device))
+            for i, img in zip(done, decoded):
+                images[i] = img.cpu()
+        return images
+
+    def test_step(self, batch: list[dict], batch_idx: int) -> dict:
+        vqa = [r for r in batch if r["task"] == "vqa"]
+        gen = [r for r in batch if r["task"] == "generation"]
+        out = {"vqa": self.answer_vqa(vqa) if vqa else [], "generation": []}
+        if gen:
+            for rec, img in zip(gen, self.generate_images(gen)):
+                out["generation"].append({"record_id": rec["id"], "prompt": rec["conversations"][0]["value"], "image": img, "target": rec["image"].cpu()})
+        return out
+
+    def predict_step(self, batch: list[dict], batch_idx: int) -> dict:
+        return self.test_step(batch, batch_idx)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from unified_vlm.text_tokenizer import tokenizer_to_json
+
+        checkpoint["text_tokenizer_json"] = tokenizer_to_json(self.tokenizer)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from unified_vlm.text_tokenizer import special_token_ids, tokenizer_from_json, tokenizer_to_json
+
+        saved = checkpoint.get("text_tokenizer_json")
+        if saved is not None and saved != tokenizer_to_json(self.tokenizer):
+            log.warning("using the text tokenizer stored in the checkpoint (it differs from the configured one)")
+            self.tokenizer = tokenizer_from_json(saved)
+            self.ids = special_token_ids(self.tokenizer)
+            self.collator.tokenizer = self.tokenizer
