@@ -1,0 +1,155 @@
+"""Write a split of the watch dataset to disk (PNG images + a records file), and the ``data`` command.
+
+The files hold exactly what ``WatchStream`` yields for the same arguments (PNG is lossless), so
+training from disk and training on the fly are interchangeable. Layout::
+
+    out_dir/images/000000.png ...   one image per watch, shared by its three records
+    out_dir/<split>.jsonl           (or <split>.json, a JSON array as LLaVA writes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from unified_vlm.datamodules.streams import image_relpath, watch_id
+from unified_vlm.datamodules.templates import build_records
+from unified_vlm.datamodules.watch import render_watch, sample_watch
+
+PAPER_SPLIT_SIZES = {"train": 60000, "test": 200}  # watches per split in the paper (1.4)
+FORMATS = ("jsonl", "json")
+
+
+def _progress(items: Iterable[int], total: int, enabled: bool, description: str) -> Iterable[int]:
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, total=total, desc=description, unit="watch")
+
+
+def _write_atomically(target: Path, records: list[dict], fmt: str) -> None:
+    """Write to a temporary file in the same folder, then rename, so no half-written file is left."""
+    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            if fmt == "json":
+                json.dump(records, f, indent=1)
+            else:
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _other_split_record_files(out_dir: Path, split: str) -> list[str]:
+    """Names of record files (JSON mentioning "conversations" early on) written for another split."""
+    if not out_dir.is_dir():
+        return []
+    names = []
+    for path in sorted(out_dir.iterdir()):
+        if path.suffix in (".json", ".jsonl") and path.stem != split and path.is_file():
+            with path.open(encoding="utf-8", errors="replace") as f:
+                if '"conversations"' in f.read(4096):
+                    names.append(path.name)
+    return names
+
+
+def materialize(
+    out_dir: str | Path,
+    split: str = "train",
+    num_watches: int | None = None,
+    seed: int = 0,
+    image_size: int = 224,
+    fmt: str = "jsonl",
+    paper_hours: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Render ``num_watches`` watches of ``split`` into ``out_dir``; return the records file path.
+
+    ``num_watches`` defaults to the paper's size for "train" (60,000) and "test" (200). Refuses to
+    replace an existing records file unless ``overwrite``, and refuses a folder that already holds
+    another split's records, because both would share ``images/<index>.png``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if num_watches is None:
+        if split not in PAPER_SPLIT_SIZES:
+            raise ValueError(f"num_watches is required for split {split!r} (defaults exist for {list(PAPER_SPLIT_SIZES)})")
+        num_watches = PAPER_SPLIT_SIZES[split]
+    if num_watches < 1:
+        raise ValueError(f"num_watches must be at least 1, got {num_watches}")
+
+    out_dir = Path(out_dir)
+    target = out_dir / f"{split}.{fmt}"
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    other_splits = _other_split_record_files(out_dir, split)
+    if other_splits:
+        raise FileExistsError(
+            f"{out_dir} already holds records of another split ({', '.join(other_splits)}); its images/ would be "
+            "overwritten. Use one folder per split."
+        )
+
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in _progress(range(num_watches), num_watches, progress, f"{split} watches"):
+        attrs = sample_watch(seed, split, index, paper_hours=paper_hours)
+        render_watch(attrs, image_size).save(out_dir / image_relpath(index))
+        records += build_records(attrs, (seed, split, index), image_relpath(index), watch_id(split, index), index)
+    _write_atomically(target, records, fmt)
+    return target
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m unified_vlm data",
+        description=(
+            "Render the synthetic smart-watch dataset (PAPER.md section 1) to OUT: images/<index>.png and "
+            "<split>.jsonl (or .json), three records (generation, vqa, caption) per watch. The output is "
+            "deterministic in (seed, split, index) and identical to what the streamed dataset yields."
+        ),
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder (one folder per split)")
+    parser.add_argument("--split", default="train", help="split name; different splits never share a watch (default: train)")
+    parser.add_argument(
+        "--num-watches", type=int, default=None,
+        help="number of watches (3 records each); default: the paper's 60000 for train, 200 for test",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default: 0)")
+    parser.add_argument("--image-size", type=int, default=224, help="square image side in pixels, drawn natively (default: 224)")
+    parser.add_argument("--format", choices=FORMATS, default="jsonl", help="JSON Lines or a JSON array (default: jsonl)")
+    parser.add_argument(
+        "--paper-hours", action="store_true",
+        help="sample the hour from 0..12 like the paper (00 and 12 look identical: label noise); default 1..12",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing records file")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        path = materialize(
+            args.out, split=args.split, num_watches=args.num_watches, seed=args.seed, image_size=args.image_size,
+            fmt=args.format, paper_hours=args.paper_hours, progress=not args.no_progress, overwrite=args.overwrite,
+        )
+    except (FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""LLaVA-schema record files: reading, validation with precise errors, and a file-backed Dataset.
+
+A record is ``{"task", "image", "conversations", ["id"], ["attributes"], ["watch"]}``; see
+docs/data.md. Files are either a JSON array (what LLaVA and the paper's generator write) or JSON
+Lines. Every record is validated on load, so a malformed file fails before training starts, with
+a message naming the file, the line (JSONL, 1-based) or array element (0-based), and the problem.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from unified_vlm.tokens import IMAGE_MARKER
+
+KNOWN_TASKS = ("generation", "vqa", "caption")
+REQUIRED_KEYS = ("task", "image", "conversations")
+ROLES = ("human", "gpt")
+
+
+class RecordError(ValueError):
+    """A record file that cannot be used; the message names file, line or element, and problem."""
+
+
+def _check_tasks(tasks: Sequence[str] | None) -> None:
+    if tasks is None:
+        return
+    if isinstance(tasks, str):
+        raise ValueError(f"tasks must be a sequence of task names, not the string {tasks!r}")
+    unknown = [t for t in tasks if t not in KNOWN_TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known tasks: {KNOWN_TASKS}")
+
+
+def _parse(path: Path) -> list[tuple[str, Any]]:
+    """(location, parsed object) pairs; JSON array if the first non-space character is '['."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{path}: line {err.lineno}: invalid JSON array: {err.msg}") from None
+        return [(f"{path}: element {i}", item) for i, item in enumerate(items)]
+    parsed = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            parsed.append((f"{path}: line {number}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{path}: line {number}: invalid JSON: {err.msg}") from None
+    return parsed
+
+
+def validate_record(record: Any, where: str, image_root: Path | None) -> None:
+    """Raise RecordError(f"{where}: ...") if ``record`` breaks the schema; skip the image check if no root."""
+
+    def fail(problem: str) -> None:
+        raise RecordError(f"{where}: {problem}")
+
+    if not isinstance(record, dict):
+        fail(f"expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        fail(f"missing required field(s) {missing}")
+    task = record["task"]
+    if task not in KNOWN_TASKS:
+        fail(f"unknown task {task!r}; known tasks: {KNOWN_TASKS}")
+    if not isinstance(record["image"], str) or not record["image"]:
+        fail(f"'image' must be a non-empty path string, got {record['image']!r}")
+
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        fail("'conversations' must be a non-empty list of turns")
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            fail(f"turn {k} must be {{'from': 'human'|'gpt', 'value': str}}, got {turn!r}")
+        expected = ROLES[k % 2]
+        if turn["from"] != expected:
+            fail(f"wrong turn order: turn {k} is from {turn['from']!r}, expected {expected!r} "
+                 "(turns alternate human, gpt, starting with human)")
+    if len(turns) % 2:
+        fail("wrong turn order: the conversation must end with a 'gpt' turn")
+
+    marker_count = sum(turn["value"].count(IMAGE_MARKER) for turn in turns)
+    marker_turn = len(turns) - 1 if task == "generation" else 0
+    where_marker = "the last gpt turn" if task == "generation" else "the first human turn"
+    if marker_count != 1 or IMAGE_MARKER not in turns[marker_turn]["value"]:
+        fail(f"a {task} record needs {IMAGE_MARKER} exactly once, in {where_marker}; found it {marker_count} time(s)")
+
+    if image_root is not None and not (image_root / record["image"]).is_file():
+        fail(f"image file does not exist: {image_root / record['image']}")
+
+
+def load_records(
+    path: str | Path,
+    tasks: Sequence[str] | None = None,
+    check_images: bool = True,
+    image_root: str | Path | None = None,
+) -> list[dict]:
+    """Read and validate every record of a .json array or .jsonl file, then keep ``tasks`` only.
+
+    Image paths are relative to ``image_root`` (default: the records file's folder) and must exist
+    when ``check_images``.
+    """
+    _check_tasks(tasks)
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    records = []
+    for where, record in _parse(path):
+        validate_record(record, where, root if check_images else None)
+        records.append(record)
+    if tasks is not None:
+        records = [r for r in records if r["task"] in tasks]
+    return records
+
+
+def load_image(path: str | Path, image_size: int | None = None) -> Image.Image:
+    """An RGB image, resized with BICUBIC to ``image_size`` x ``image_size`` when it differs."""
+    with Image.open(path) as raw:
+        image = raw.convert("RGB")
+    if image_size is not None and image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.BICUBIC)
+    return image
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """Records from a file, with images loaded from disk.
+
+    Items: ``{"id", "task", "conversations", "image" (PIL RGB), "image_path", "attributes"}``, the
+    same form as ``WatchStream`` so the two are interchangeable; ``attributes`` is None for records
+    that carry none (foreign datasets).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        tasks: Sequence[str] | None = None,
+        image_root: str | Path | None = None,
+        image_size: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.image_root = Path(image_root) if image_root is not None else self.path.parent
+        self.image_size = image_size
+        self.records = load_records(self.path, tasks=tasks, check_images=True, image_root=self.image_root)
+        if not self.records:
+            raise RecordError(f"{self.path}: no records" + (f" for tasks {list(tasks)}" if tasks is not None else ""))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        record = self.records[i]
+        return {
+            "id": record.get("id", f"{self.path.stem}-{i}"),
+            "task": record["task"],
+            "conversations": record["conversations"],
+            "image": load_image(self.image_root / record["image"], self.image_size),
+            "image_path": record["image"],
+            "attributes": record.get("attributes"),
+        }

@@ -1,0 +1,234 @@
+"""Text templates and the three task records per watch (PAPER.md sections 1.2 and 1.3).
+
+Each record draws its text from its own RNG keyed by ``(*rng_seed_key, task)``, so keeping only
+some tasks never changes the text of the others, and the generation prompt and the caption of
+one watch are sampled independently.
+"""
+from __future__ import annotations
+
+import random
+import re
+from typing import Callable
+
+from unified_vlm.datamodules.watch import WatchAttributes, stable_rng
+from unified_vlm.tokens import IMAGE_MARKER
+
+TASKS = ("generation", "vqa", "caption")
+
+# --- VQA (1.2b): 9 weather, 10 time, 10 battery, 10 battery-position, 10 weather-position questions.
+WEATHER_QUESTIONS = (
+    "What is the weather shown on the watch?",
+    "What weather does the watch display?",
+    "What is the weather condition on the watch?",
+    "Which weather icon is shown on the watch?",
+    "What kind of weather is displayed?",
+    "How is the weather according to the watch?",
+    "What does the weather icon on the watch show?",
+    "What weather is indicated on the smart watch?",
+    "What is the current weather on the watch screen?",
+)
+TIME_QUESTIONS = (
+    "What time is it?",
+    "What time does the watch show?",
+    "What is the time on the watch?",
+    "What time is displayed on the watch?",
+    "Can you tell me the time shown on the watch?",
+    "What time do the hands of the watch indicate?",
+    "Read the time on the watch. What is it?",
+    "What is the current time according to the watch?",
+    "What time is shown on this smart watch?",
+    "What time do the watch hands point to?",
+)
+BATTERY_QUESTIONS = (
+    "What is the battery level?",
+    "How much battery is left?",
+    "What battery percentage does the watch show?",
+    "What is the battery level of the watch?",
+    "How much charge does the watch have?",
+    "What percentage is shown on the battery indicator?",
+    "How full is the battery?",
+    "What is the remaining battery of the watch?",
+    "What does the battery indicator read?",
+    "How much power is left on the watch?",
+)
+BATTERY_POSITION_QUESTIONS = (
+    "Where is the battery indicator located?",
+    "Where is the battery shown?",
+    "In which corner is the battery indicator?",
+    "Where can the battery level be found in the image?",
+    "Which corner of the image shows the battery?",
+    "Where is the battery icon placed?",
+    "Where is the battery percentage displayed?",
+    "In which corner does the battery indicator appear?",
+    "Where is the battery status shown in the image?",
+    "What is the position of the battery indicator?",
+)
+WEATHER_POSITION_QUESTIONS = (
+    "Where is the weather icon located?",
+    "Where is the weather shown?",
+    "In which corner is the weather icon?",
+    "Where can the weather be found in the image?",
+    "Which corner of the image shows the weather?",
+    "Where is the weather indicator placed?",
+    "Where is the weather information displayed?",
+    "In which corner does the weather icon appear?",
+    "Where is the weather status shown in the image?",
+    "What is the position of the weather icon?",
+)
+WHAT_ATTRIBUTES = ("weather", "time", "battery")
+WHERE_ATTRIBUTES = ("battery_pos", "weather_pos")
+QUESTIONS = {
+    "weather": WEATHER_QUESTIONS,
+    "time": TIME_QUESTIONS,
+    "battery": BATTERY_QUESTIONS,
+    "battery_pos": BATTERY_POSITION_QUESTIONS,
+    "weather_pos": WEATHER_POSITION_QUESTIONS,
+}
+WHAT_PROBABILITY = 3 / 5  # otherwise "where": each of the 5 attributes is asked with p = 1/5
+EXTRA_QA_TRIALS = 3
+EXTRA_QA_PROBABILITY = 0.4  # 1 + 3 * 0.4 = 2.2 QA turns on average
+
+# --- Generation (1.2a): base requests; acknowledgements end with the image placeholder.
+GENERATION_REQUESTS = (
+    "can you generate an image of a smart watch",
+    "can you draw a smart watch",
+    "please show a smart watch",
+)
+GENERATION_ACKNOWLEDGEMENTS = (
+    f"Sure, here is the image.\n{IMAGE_MARKER}",
+    f"Of course! Here is the smart watch you asked for.\n{IMAGE_MARKER}",
+    f"Here is the generated image.\n{IMAGE_MARKER}",
+)
+
+# --- Caption (1.2c): prompts start with the image placeholder; one base keeps the paper's typo.
+CAPTION_PROMPTS = tuple(
+    f"{IMAGE_MARKER}\n{prompt}"
+    for prompt in (
+        "Describe the key elements of this watch.",
+        "Describe the key elements of this watch UI.",
+        "What does this smart watch show? Describe it.",
+        "Give a short description of the watch in the image.",
+        "Describe what is displayed on this smart watch.",
+        "Summarize the information shown on this watch.",
+        "Describe this smart watch interface.",
+        "Write a caption for this watch image.",
+        "What are the main elements of this watch screen?",
+        "Briefly describe the watch and its display.",
+    )
+)
+CAPTION_BASES = (
+    "the image shows a smart watch",
+    "this is a smart watch",
+    "the image is show a smart watch",  # the paper's typo, kept on purpose
+)
+
+# --- Clause builder (1.3): attribute -> (inclusion probability, phrasings).
+CLAUSES: dict[str, tuple[float, tuple[str, ...]]] = {
+    "time": (1.0, ("showing the time {time}", "with the time {time}", "the time is {time}", "displaying {time}")),
+    "weather": (0.5, ("showing {weather} weather", "with the weather being {weather}", "with a {weather} weather icon")),
+    "battery": (0.5, ("with {battery}% battery", "battery level at {battery}%", "with a battery of {battery}%")),
+    "weather_pos": (0.5, (
+        "with weather displayed at {weather_pos}",
+        "weather icon at the {weather_pos} corner",
+        "with the weather shown in the {weather_pos} corner",
+    )),
+    "battery_pos": (0.5, (
+        "battery indicator at {battery_pos}",
+        "with the battery shown in the {battery_pos} corner",
+        "battery displayed at the {battery_pos} corner",
+    )),
+}
+
+
+def answer(attrs: WatchAttributes, attribute: str) -> str:
+    """The bare answer value the paper uses: weather word, HH:MM:SS, N%, or corner name."""
+    values: dict[str, Callable[[], str]] = {
+        "weather": lambda: attrs.weather,
+        "time": attrs.time_str,
+        "battery": lambda: f"{attrs.battery}%",
+        "battery_pos": lambda: attrs.battery_pos,
+        "weather_pos": lambda: attrs.weather_pos,
+    }
+    return values[attribute]()
+
+
+def postprocess(text: str) -> str:
+    """The paper's clean-up: collapse double spaces, str.capitalize(), drop a trailing comma, add '.'."""
+    text = re.sub(r" {2,}", " ", text).strip().capitalize()
+    return text.rstrip(",") + "."
+
+
+def describe(attrs: WatchAttributes, base: str, rng: random.Random) -> str:
+    """``base`` plus one ", <clause>" per included attribute, post-processed (1.3)."""
+    fields = {
+        "time": attrs.time_str(),
+        "weather": attrs.weather,
+        "battery": attrs.battery,
+        "weather_pos": attrs.weather_pos,
+        "battery_pos": attrs.battery_pos,
+    }
+    text = base
+    for probability, phrasings in CLAUSES.values():
+        if rng.random() < probability:
+            text += ", " + rng.choice(phrasings).format(**fields)
+    return postprocess(text)
+
+
+def vqa_conversation(attrs: WatchAttributes, rng: random.Random) -> list[dict]:
+    """1 to 4 QA pairs: one always, then 3 trials at p=0.4; 'what' p=3/5, 'where' p=2/5."""
+    n_pairs = 1 + sum(rng.random() < EXTRA_QA_PROBABILITY for _ in range(EXTRA_QA_TRIALS))
+    turns = []
+    for k in range(n_pairs):
+        pool = WHAT_ATTRIBUTES if rng.random() < WHAT_PROBABILITY else WHERE_ATTRIBUTES
+        attribute = rng.choice(pool)
+        question = rng.choice(QUESTIONS[attribute])
+        if k == 0:
+            question = f"{IMAGE_MARKER}\n{question}"
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer(attrs, attribute)}]
+    return turns
+
+
+def generation_conversation(attrs: WatchAttributes, rng: random.Random) -> list[dict]:
+    prompt = describe(attrs, rng.choice(GENERATION_REQUESTS), rng)
+    return [{"from": "human", "value": prompt}, {"from": "gpt", "value": rng.choice(GENERATION_ACKNOWLEDGEMENTS)}]
+
+
+def caption_conversation(attrs: WatchAttributes, rng: random.Random) -> list[dict]:
+    prompt = rng.choice(CAPTION_PROMPTS)
+    return [{"from": "human", "value": prompt}, {"from": "gpt", "value": describe(attrs, rng.choice(CAPTION_BASES), rng)}]
+
+
+CONVERSATION_BUILDERS = {
+    "generation": generation_conversation,
+    "vqa": vqa_conversation,
+    "caption": caption_conversation,
+}
+
+
+def build_task_record(
+    attrs: WatchAttributes, rng_seed_key: tuple, task: str, image: str, watch_id: str, watch_index: int | None = None
+) -> dict:
+    """One LLaVA-schema record; its text depends only on (attrs, rng_seed_key, task)."""
+    if task not in CONVERSATION_BUILDERS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    record = {
+        "id": f"{watch_id}-{task}",
+        "task": task,
+        "image": image,
+        "conversations": CONVERSATION_BUILDERS[task](attrs, stable_rng(*rng_seed_key, task)),
+        "attributes": attrs.to_dict(),
+    }
+    if watch_index is not None:
+        record["watch"] = watch_index
+    return record
+
+
+def build_records(
+    attrs: WatchAttributes, rng_seed_key: tuple, image: str, watch_id: str, watch_index: int | None = None
+) -> list[dict]:
+    """The three records [generation, vqa, caption] of one watch, sharing ``image``.
+
+    ``rng_seed_key`` is normally ``(seed, split, index)``; ``watch_index``, when given, is stored
+    as the record's ``"watch"`` field.
+    """
+    return [build_task_record(attrs, rng_seed_key, task, image, watch_id, watch_index) for task in TASKS]

@@ -1,0 +1,275 @@
+"""The synthetic "smart watch" of the paper (PAPER.md section 1.1): attributes, sampling, rendering.
+
+Every watch is a pure function of ``(seed, split, index)``: its attributes come from an RNG
+seeded by a SHA-256 hash of ``f"{seed}/{split}/{index}"``, so watch 42 of the train split is the
+same picture whatever the worker count, batch size or generation order, and different splits
+draw from unrelated streams.
+
+Hour sampling (the paper's 00/12 ambiguity): the paper draws the hour from 0..12, and hours 0
+and 12 render identically but are labelled "00" and "12", which is label noise. By default we
+draw the hour from 1..12 (the top position is always "12"); ``paper_hours=True`` restores the
+paper's 0..12 draw.
+
+The renderer scales every length by ``size / 224`` so any square size is drawn natively rather
+than resized from a 224 px picture.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+from PIL import Image, ImageDraw, ImageFont
+
+WEATHERS = ("sunny", "cloudy", "raining")
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+REFERENCE_SIZE = 224  # the paper's canvas; all pixel constants below are at this size
+CORNER_ANCHORS_224 = {"top-left": (10, 10), "top-right": (174, 10), "bottom-left": (10, 194), "bottom-right": (174, 194)}
+HAND_LENGTHS = {"hour": 0.5, "minute": 0.7, "second": 0.9}  # fractions of the face radius
+HAND_WIDTHS_224 = {"hour": 6, "minute": 4, "second": 2}
+ICON_SIZE_224 = 30
+
+BACKGROUND = (255, 255, 255)
+HAND_COLOR = (255, 255, 255)
+BATTERY_GREEN = (0, 170, 0)
+BLACK = (0, 0, 0)
+SUN_YELLOW = (255, 196, 0)
+SUN_EDGE = (235, 140, 0)
+CLOUD_LIGHT = (190, 192, 198)
+CLOUD_DARK = (105, 110, 122)
+CLOUD_EDGE = (90, 92, 100)
+RAIN_BLUE = (25, 100, 235)
+
+
+def stable_seed(*key: Any) -> int:
+    """A 64-bit seed from a key via SHA-256; unlike ``hash()`` it is the same in every process."""
+    text = "/".join(str(part) for part in key)
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def stable_rng(*key: Any) -> random.Random:
+    """An independent ``random.Random`` for one key, e.g. ``(seed, split, index)``."""
+    return random.Random(stable_seed(*key))
+
+
+@dataclass(frozen=True)
+class WatchAttributes:
+    """Everything that determines one watch picture; validated so a bad value fails at creation."""
+
+    hour: int
+    minute: int
+    second: int
+    weather: str
+    battery: int
+    weather_pos: str
+    battery_pos: str
+    face_color: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "face_color", tuple(int(c) for c in self.face_color))
+        checks = [
+            (0 <= self.hour <= 12, f"hour must be in 0..12, got {self.hour}"),
+            (0 <= self.minute <= 59, f"minute must be in 0..59, got {self.minute}"),
+            (0 <= self.second <= 59, f"second must be in 0..59, got {self.second}"),
+            (self.weather in WEATHERS, f"weather must be one of {WEATHERS}, got {self.weather!r}"),
+            (0 <= self.battery <= 100, f"battery must be in 0..100, got {self.battery}"),
+            (self.weather_pos in CORNERS, f"weather_pos must be one of {CORNERS}, got {self.weather_pos!r}"),
+            (self.battery_pos in CORNERS, f"battery_pos must be one of {CORNERS}, got {self.battery_pos!r}"),
+            (self.weather_pos != self.battery_pos, f"weather and battery share the corner {self.weather_pos!r}"),
+            (
+                len(self.face_color) == 3 and all(0 <= c <= 255 for c in self.face_color),
+                f"face_color must be three ints in 0..255, got {self.face_color}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def time_str(self) -> str:
+        return f"{self.hour:02d}:{self.minute:02d}:{self.second:02d}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["face_color"] = list(self.face_color)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "WatchAttributes":
+        return cls(**{**d, "face_color": tuple(d["face_color"])})
+
+
+def sample_watch(seed: int, split: str, index: int, paper_hours: bool = False) -> WatchAttributes:
+    """Attributes of watch ``index`` of ``split``; the same for the same arguments, always.
+
+    Hour is uniform in 1..12 by default (no 00/12 label noise); ``paper_hours=True`` draws it
+    from 0..12 as the paper does. Minute and second are uniform 0..59, battery 0..100, the two
+    corners are distinct, and the face colour is uniform over all RGB triples.
+    """
+    rng = stable_rng(seed, split, index)
+    hour = rng.randint(0, 12) if paper_hours else rng.randint(1, 12)
+    minute = rng.randint(0, 59)
+    second = rng.randint(0, 59)
+    weather = rng.choice(WEATHERS)
+    battery = rng.randint(0, 100)
+    weather_pos, battery_pos = rng.sample(CORNERS, 2)
+    face_color = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+    return WatchAttributes(hour, minute, second, weather, battery, weather_pos, battery_pos, face_color)
+
+
+def _scale(size: int) -> float:
+    return size / REFERENCE_SIZE
+
+
+def face_geometry(size: int) -> tuple[float, int]:
+    """(centre coordinate, face radius) for a ``size`` x ``size`` canvas."""
+    return size / 2, int(0.4 * size)
+
+
+def corner_anchor(corner: str, size: int) -> tuple[int, int]:
+    """Top-left pixel of an element placed in ``corner``, the paper's anchors scaled."""
+    ax, ay = CORNER_ANCHORS_224[corner]
+    s = _scale(size)
+    return round(ax * s), round(ay * s)
+
+
+def hand_angles(attrs: WatchAttributes) -> dict[str, float]:
+    """Degrees clockwise from 12 o'clock; minute and hour hands ignore seconds, as in the paper."""
+    return {
+        "hour": (attrs.hour % 12 + attrs.minute / 60) * 30,
+        "minute": attrs.minute * 6.0,
+        "second": attrs.second * 6.0,
+    }
+
+
+def hand_tips(attrs: WatchAttributes, size: int) -> dict[str, tuple[float, float]]:
+    """Pixel coordinates (x, y) of the hour, minute and second hand tips."""
+    centre, radius = face_geometry(size)
+    tips = {}
+    for name, degrees in hand_angles(attrs).items():
+        length = HAND_LENGTHS[name] * radius
+        theta = math.radians(degrees)
+        tips[name] = (centre + length * math.sin(theta), centre - length * math.cos(theta))
+    return tips
+
+
+def hand_width(name: str, size: int) -> int:
+    return max(1, round(HAND_WIDTHS_224[name] * _scale(size)))
+
+
+def battery_line_width(size: int) -> int:
+    return max(1, round(_scale(size)))
+
+
+def battery_outline_box(attrs: WatchAttributes, size: int) -> tuple[int, int, int, int]:
+    """Inclusive (x0, y0, x1, y1) of the black battery outline: 26 x 11 px at 224."""
+    x, y = corner_anchor(attrs.battery_pos, size)
+    s = _scale(size)
+    return x, y, x + round(25 * s), y + round(10 * s)
+
+
+def battery_fill_box(attrs: WatchAttributes, size: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the green fill bar, x1 and y1 EXCLUSIVE (numpy-slice style).
+
+    At 224 px the bar spans columns x+2 .. x+2+int(23*p/100) (exclusive) and rows y+2..y+8, as in
+    the paper; the width is ``int(23 * scale * p / 100)`` and never reaches the outline's right edge.
+    """
+    x, y = corner_anchor(attrs.battery_pos, size)
+    s = _scale(size)
+    inside_right = battery_outline_box(attrs, size)[2] - battery_line_width(size) + 1  # exclusive
+    x0, y0 = x + round(2 * s), y + round(2 * s)
+    x1 = min(x0 + int(23 * s * attrs.battery / 100), inside_right)
+    return x0, y0, x1, y + round(9 * s)
+
+
+def weather_icon_box(attrs: WatchAttributes, size: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), x1 and y1 exclusive, of the weather icon: 30 x 30 px at 224."""
+    x, y = corner_anchor(attrs.weather_pos, size)
+    icon = max(1, round(ICON_SIZE_224 * _scale(size)))
+    return x, y, x + icon, y + icon
+
+
+@functools.lru_cache(maxsize=None)
+def _battery_font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=max(6, round(11 * _scale(size))))
+
+
+def _cloud(draw: ImageDraw.ImageDraw, u: float, dx: float, dy: float, fill: tuple, edge: tuple) -> None:
+    """A cloud from three puffs and a flat base, in unit coordinates times ``u``; edge drawn first, larger."""
+    puffs = [(0.34, 0.58, 0.16), (0.54, 0.47, 0.21), (0.73, 0.60, 0.14)]
+    base = (0.18, 0.58, 0.86, 0.76)
+    for colour, grow in ((edge, 0.035), (fill, 0.0)):
+        for cx, cy, r in puffs:
+            r += grow
+            draw.ellipse([(cx - r + dx) * u, (cy - r + dy) * u, (cx + r + dx) * u, (cy + r + dy) * u], fill=colour)
+        x0, y0, x1, y1 = base
+        draw.rounded_rectangle(
+            [(x0 - grow + dx) * u, (y0 - grow + dy) * u, (x1 + grow + dx) * u, (y1 + grow + dy) * u],
+            radius=0.09 * u, fill=colour,
+        )
+
+
+def _sun(draw: ImageDraw.ImageDraw, u: float, cx: float, cy: float, r: float, rays: bool) -> None:
+    if rays:
+        for k in range(8):
+            a = math.radians(k * 45)
+            inner, outer = r + 0.06, r + 0.19
+            draw.line(
+                [((cx + inner * math.cos(a)) * u, (cy + inner * math.sin(a)) * u),
+                 ((cx + outer * math.cos(a)) * u, (cy + outer * math.sin(a)) * u)],
+                fill=SUN_YELLOW, width=max(1, round(0.08 * u)),
+            )
+    draw.ellipse([(cx - r - 0.03) * u, (cy - r - 0.03) * u, (cx + r + 0.03) * u, (cy + r + 0.03) * u], fill=SUN_EDGE)
+    draw.ellipse([(cx - r) * u, (cy - r) * u, (cx + r) * u, (cy + r) * u], fill=SUN_YELLOW)
+
+
+@functools.lru_cache(maxsize=None)
+def weather_icon(weather: str, icon_px: int) -> Image.Image:
+    """The RGBA icon for ``weather`` at ``icon_px`` pixels, drawn procedurally.
+
+    Drawn on a larger canvas and downsampled (like the paper's 101 px PNG icons resized to 30 px),
+    so the icons stay smooth and distinct by colour even when only a few pixels wide.
+    Cached: callers must not modify the returned image.
+    """
+    u = max(120, 4 * icon_px)
+    canvas = Image.new("RGBA", (u, u), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    if weather == "sunny":
+        _sun(draw, u, 0.5, 0.5, 0.23, rays=True)
+    elif weather == "cloudy":
+        _sun(draw, u, 0.68, 0.34, 0.2, rays=False)
+        _cloud(draw, u, -0.04, 0.06, CLOUD_LIGHT, CLOUD_EDGE)
+    elif weather == "raining":
+        _cloud(draw, u, 0.0, -0.2, CLOUD_DARK, CLOUD_EDGE)
+        for x in (0.3, 0.5, 0.7):
+            draw.line([(x * u, 0.68 * u), ((x - 0.07) * u, 0.92 * u)], fill=RAIN_BLUE, width=round(0.09 * u))
+    else:
+        raise ValueError(f"unknown weather {weather!r}; expected one of {WEATHERS}")
+    return canvas.resize((icon_px, icon_px), Image.LANCZOS)
+
+
+def render_watch(attrs: WatchAttributes, size: int = 224) -> Image.Image:
+    """The RGB ``size`` x ``size`` picture of a watch (draw order: face, hands, weather, battery)."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+
+    centre, radius = face_geometry(size)
+    draw.ellipse([centre - radius, centre - radius, centre + radius, centre + radius], fill=attrs.face_color)
+
+    for name, tip in hand_tips(attrs, size).items():  # hour, minute, second
+        draw.line([(centre, centre), tip], fill=HAND_COLOR, width=hand_width(name, size))
+
+    x0, y0, x1, _ = weather_icon_box(attrs, size)
+    icon = weather_icon(attrs.weather, x1 - x0)
+    image.paste(icon, (x0, y0), icon)
+
+    bx0, by0, bx1, by1 = battery_outline_box(attrs, size)
+    draw.rectangle([bx0, by0, bx1, by1], outline=BLACK, width=battery_line_width(size))
+    fx0, fy0, fx1, fy1 = battery_fill_box(attrs, size)
+    if fx1 > fx0:
+        draw.rectangle([fx0, fy0, fx1 - 1, fy1 - 1], fill=BATTERY_GREEN)
+    draw.text((bx0 + round(30 * _scale(size)), by0), f"{attrs.battery}%", fill=BLACK, font=_battery_font(size))
+    return image
