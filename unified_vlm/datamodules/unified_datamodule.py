@@ -101,7 +101,7 @@ class UnifiedDataModule(L.LightningDataModule):
     def micro_batch_size(self) -> int:
         """Per-device batch = global batch / (world size x gradient accumulation)."""
         world, accumulate = 1, 1
-        if self._trainer is not None:
+        if self.trainer is not None:
             world = self.trainer.world_size
             accumulate = self.trainer.accumulate_grad_batches
         per_step = world * accumulate
@@ -127,7 +127,7 @@ class UnifiedDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         h = self.hparams
         if self.collator is None:
-            model = self.trainer.lightning_module if self._trainer is not None else None
+            model = self.trainer.lightning_module if self.trainer is not None else None
             if model is None or not hasattr(model, "collator"):
                 raise ValueError("UnifiedDataModule needs a collator: attach it to a trainer with a UnifiedVLM or pass collator=")
             self.collator = model.collator
