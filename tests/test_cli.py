@@ -1,0 +1,80 @@
+"""The CLI end to end on a tiny config: fit a few steps, then reload the checkpoint for test."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unified_vlm.cli import main
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+
+
+def tiny_overrides(tmp_path: Path, vq_dir: str) -> Path:
+    """Shrinks any shipped config to a model that trains a step in well under a second."""
+    override = {
+        "model": {
+            "encoder": {"name": "siglip", "weights": None, "options": {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+            "backbone": {"name": "qwen2", "options": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}},
+            "image_output": {"tokenizer": vq_dir},
+            "sampling": {"max_new_tokens": 4},
+        },
+        "data": {"image_size": 16, "num_train_watches": 8, "num_val_watches": 2, "num_test_watches": 3, "global_batch_size": 4, "num_workers": 0, "eval_batch_size": 8},
+        "trainer": {
+            "max_steps": 3, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
+            "default_root_dir": str(tmp_path),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path), "name": ""}},
+            "enable_progress_bar": False,
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(override))
+    return path
+
+
+def test_help_lists_subcommands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "data", "list", "pretrain-encoder", "train-vq"):
+        assert command in out
+
+
+def test_list_prints_registries(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("siglip", "qwen2", "llama", "mlp", "linear", "vq_classification", "vq"):
+        assert name in out
+
+
+def test_unknown_command_suggests(capsys):
+    assert main(["fitt"]) == 2
+    assert "fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_fit_then_test_from_checkpoint(config, tmp_path, tiny_vq_dir, capsys):
+    tiny = tiny_overrides(tmp_path, tiny_vq_dir)
+    main(["fit", "--config", str(config), "--config", str(tiny)])
+    run = tmp_path / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and (run / "metrics.csv").is_file() and (run / "config.yaml").is_file()
+    scores = json.loads((run / "test_scores.json").read_text())
+    assert scores["summary"]["all_turns"]["count"] > 0
+    assert (run / "generation_grid.png").is_file()
+    out = capsys.readouterr().out
+    assert "VQA scores on the test split" in out
+
+    # Reload the checkpoint through the CLI with the run's own saved config.
+    (run / "test_scores.json").unlink()
+    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "retest")])
+    rescored = json.loads((tmp_path / "retest" / "test_scores.json").read_text())
+    assert rescored["summary"] == scores["summary"]  # greedy decoding of the same weights
+
+
+def test_unknown_config_key_is_rejected(tmp_path, tiny_vq_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  encoderr: {name: siglip}\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS[0]), "--config", str(bad)])
