@@ -78,3 +78,19 @@ def test_unknown_config_key_is_rejected(tmp_path, tiny_vq_dir):
     bad.write_text("model:\n  encoderr: {name: siglip}\n")
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS[0]), "--config", str(bad)])
+
+
+def test_predict_writes_images_from_a_prompts_file(tmp_path, tiny_vq_dir):
+    tiny = tiny_overrides(tmp_path, tiny_vq_dir)
+    main(["fit", "--config", str(CONFIGS[0]), "--config", str(tiny), "--test_after_fit", "false"])
+    run = tmp_path / "version_0"
+    assert (run / "tokenizer" / "tokenizer.json").is_file()  # the run keeps its tokenizer
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two watches\nDraw a smart watch showing 10:08:30.\n\nPlease show a smart watch, with 80% battery.\n")
+    out = tmp_path / "pred"
+    main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+          "--data.predict_prompts", str(prompts), "--predictions.output_dir", str(out), "--trainer.logger", "false"])
+    entries = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    assert [e["prompt"] for e in entries] == ["Draw a smart watch showing 10:08:30.", "Please show a smart watch, with 80% battery."]
+    for entry in entries:
+        assert (out / entry["file"]).is_file() and entry["sampling"]["seed"] == 0

@@ -63,7 +63,7 @@ class EvaluationReport(L.Callback):
             return
         self.vqa.extend(outputs.get("vqa", []))
         for item in outputs.get("generation", []):
-            if len(self.generated) < self.grid_size:
+            if len(self.generated) < self.grid_size and item.get("target") is not None:
                 self.generated.append(item)
 
     def _gather(self, trainer, items: list) -> list:

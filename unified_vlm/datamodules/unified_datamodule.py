@@ -52,6 +52,36 @@ class TensorImages(Dataset):
         return [r["task"] for r in base.records]
 
 
+class PromptDataset(Dataset):
+    """Generation prompts from a text file, one per line (blank lines and '#' comments skipped)."""
+
+    def __init__(self, path: str) -> None:
+        from pathlib import Path
+
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"data.predict_prompts: no file {file}")
+        lines = [(n, line.strip()) for n, line in enumerate(file.read_text().splitlines(), 1)]
+        self.prompts = [(n, text) for n, text in lines if text and not text.startswith("#")]
+        if not self.prompts:
+            raise ValueError(f"data.predict_prompts: {file} holds no prompt")
+        for n, text in self.prompts:
+            if "<image>" in text:
+                raise ValueError(f"{file}: line {n}: a generation prompt must not contain <image>")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> dict:
+        line, text = self.prompts[index]
+        return {
+            "id": f"prompt-{line:05d}",
+            "task": "generation",
+            "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "<image>"}],
+            "image": None,
+        }
+
+
 def list_collate(records: list[dict]) -> list[dict]:
     return records
 
@@ -71,6 +101,7 @@ class UnifiedDataModule(L.LightningDataModule):
         train_records: Optional[str] = None,
         val_records: Optional[str] = None,
         test_records: Optional[str] = None,
+        predict_prompts: Optional[str] = None,
         image_root: Optional[str] = None,
         num_train_watches: int = 20000,
         num_val_watches: int = 64,
@@ -140,6 +171,8 @@ class UnifiedDataModule(L.LightningDataModule):
         if stage in ("test", "predict", None):
             test_tasks = tuple(t for t in TEST_TASKS if t in tasks)
             self.datasets["test"] = self._dataset("test", h.test_records, h.num_test_watches, test_tasks)
+        if stage == "predict" and h.predict_prompts is not None:
+            self.datasets["predict"] = PromptDataset(h.predict_prompts)
 
     def _sampler(self, dataset: TensorImages) -> Optional[WeightedRandomSampler]:
         if self.proportions is None:
@@ -174,4 +207,5 @@ class UnifiedDataModule(L.LightningDataModule):
         return self._loader(self.datasets["test"], self.hparams.eval_batch_size, False, list_collate)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        dataset = self.datasets.get("predict", self.datasets["test"])
+        return self._loader(dataset, self.hparams.eval_batch_size, False, list_collate)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -452,13 +453,26 @@ class UnifiedVLM(L.LightningModule):
         out = {"vqa": self.answer_vqa(vqa) if vqa else [], "generation": []}
         if gen:
             for rec, img in zip(gen, self.generate_images(gen)):
-                out["generation"].append({"record_id": rec["id"], "prompt": rec["conversations"][0]["value"], "image": img, "target": rec["image"].cpu()})
+                target = rec.get("image")
+                out["generation"].append(
+                    {
+                        "record_id": rec["id"],
+                        "prompt": rec["conversations"][0]["value"],
+                        "image": img,
+                        "target": target.cpu() if target is not None else None,
+                    }
+                )
         return out
 
     def predict_step(self, batch: list[dict], batch_idx: int) -> dict:
         return self.test_step(batch, batch_idx)
 
     # ------------------------------------------------------------------ checkpoints
+    def on_fit_start(self) -> None:
+        """Save the text tokenizer into the run directory beside the checkpoints."""
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            self.tokenizer.save_pretrained(os.path.join(self.trainer.log_dir, "tokenizer"))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from unified_vlm.text_tokenizer import tokenizer_to_json
 
