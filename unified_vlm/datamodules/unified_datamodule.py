@@ -13,7 +13,7 @@ from typing import Any, Optional
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,12 @@ class TensorImages(Dataset):
         return record
 
     def tasks(self) -> list[str]:
+        """The task of every item, without rendering or reading images."""
+        from unified_vlm.datamodules.streams import WatchStream
+
         base = self.records
-        if hasattr(base, "record"):
-            return [base.record(i)["task"] for i in range(len(base))]
+        if isinstance(base, WatchStream):
+            return [base.tasks[i % len(base.tasks)] for i in range(len(base))]
         return [r["task"] for r in base.records]
 
 
@@ -82,6 +85,52 @@ class PromptDataset(Dataset):
         }
 
 
+class TaskMixSampler(Sampler[int]):
+    """Shuffled record order with per-task weights and, optionally, task-homogeneous batches.
+
+    ``proportions`` (task -> weight) draws each epoch's ``len(tasks)`` records with replacement
+    in those proportions; without it every record is used once. ``chunk`` > 1 groups the order
+    into runs of ``chunk`` records of one task, so a batch holds one task and is padded only to
+    that task's lengths (short VQA prompts are not padded to the length of image-generation
+    sequences). Use chunk = per-device batch x world size: Lightning's distributed wrapper deals
+    indices round-robin, so each rank then still gets a one-task batch. Reshuffled by set_epoch.
+    """
+
+    def __init__(self, tasks: list[str], proportions: Optional[dict[str, float]] = None, chunk: int = 1, seed: int = 0) -> None:
+        self.tasks, self.proportions, self.chunk, self.seed, self.epoch = tasks, proportions, max(1, chunk), seed, 0
+        self.by_task: dict[str, list[int]] = {}
+        for index, task in enumerate(tasks):
+            self.by_task.setdefault(task, []).append(index)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def _draw(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.proportions is None:
+            return {t: torch.tensor(ix)[torch.randperm(len(ix), generator=generator)] for t, ix in self.by_task.items()}
+        total = sum(self.proportions.get(t, 0.0) for t in self.by_task)
+        picks = torch.multinomial(
+            torch.tensor([self.proportions.get(t, 0.0) / total for t in self.by_task]), len(self.tasks), replacement=True, generator=generator
+        )
+        out = {}
+        for k, (task, ix) in enumerate(self.by_task.items()):
+            n = int((picks == k).sum())
+            out[task] = torch.tensor(ix)[torch.randint(len(ix), (n,), generator=generator)]
+        return out
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + 1000003 * self.epoch)
+        drawn = self._draw(generator)
+        if self.chunk == 1:
+            order = torch.cat(list(drawn.values()))
+            return iter(order[torch.randperm(len(order), generator=generator)].tolist())
+        chunks = [ix[i:i + self.chunk] for ix in drawn.values() for i in range(0, len(ix), self.chunk)]
+        return iter([i for k in torch.randperm(len(chunks), generator=generator).tolist() for i in chunks[k].tolist()])
+
+
 def list_collate(records: list[dict]) -> list[dict]:
     return records
 
@@ -110,6 +159,7 @@ class UnifiedDataModule(L.LightningDataModule):
         image_size: int = 64,
         paper_hours: bool = False,
         global_batch_size: int = 32,
+        group_by_task: bool = False,
         eval_batch_size: int = 50,
         num_workers: int = 1,
         collator: Any = None,
@@ -174,14 +224,12 @@ class UnifiedDataModule(L.LightningDataModule):
         if stage == "predict" and h.predict_prompts is not None:
             self.datasets["predict"] = PromptDataset(h.predict_prompts)
 
-    def _sampler(self, dataset: TensorImages) -> Optional[WeightedRandomSampler]:
-        if self.proportions is None:
-            return None
-        tasks = dataset.tasks()
-        counts = {t: tasks.count(t) for t in set(tasks)}
-        weights = torch.tensor([self.proportions.get(t, 0.0) / counts[t] for t in tasks], dtype=torch.double)
-        gen = torch.Generator().manual_seed(self.hparams.seed)
-        return WeightedRandomSampler(weights, num_samples=len(tasks), replacement=True, generator=gen)
+    def _sampler(self, dataset: TensorImages) -> Optional[TaskMixSampler]:
+        if self.proportions is None and not self.hparams.group_by_task:
+            return None  # plain shuffling, the paper's setting
+        world = self.trainer.world_size if self.trainer is not None else 1
+        chunk = self.micro_batch_size() * world if self.hparams.group_by_task else 1
+        return TaskMixSampler(dataset.tasks(), self.proportions, chunk=chunk, seed=self.hparams.seed)
 
     def _loader(self, dataset, batch_size, shuffle, collate_fn, sampler=None) -> DataLoader:
         workers = self.hparams.num_workers
