@@ -41,11 +41,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--encoder-minutes", type=float, default=10.0)
     p.add_argument("--vq-minutes", type=float, default=10.0)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 when building parts in parallel)")
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         p.error(f"unknown part(s) {unknown}; choose from {PARTS}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for part in parts:
@@ -62,14 +67,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             elif part == "encoder":
                 from unified_vlm.models.encoder_pretrain import main as pretrain_main
 
-                code = pretrain_main(["--out", str(built), "--minutes", str(args.encoder_minutes), "--image-size", str(args.image_size)])
+                code = pretrain_main(
+                    ["--out", str(built), "--minutes", str(args.encoder_minutes), "--image-size", str(args.image_size),
+                     "--log-dir", str(work / "logs")]
+                )
                 if code:
                     return code
                 target = out / "watch_encoder"
             else:
                 from unified_vlm.models.vq_module import main as vq_main
 
-                code = vq_main(["--out", str(built), "--minutes", str(args.vq_minutes), "--image-size", str(args.image_size)])
+                code = vq_main(
+                    ["--out", str(built), "--minutes", str(args.vq_minutes), "--image-size", str(args.image_size)]
+                    + (["--threads", str(args.threads)] if args.threads else [])
+                )
                 if code:
                     return code
                 target = out / "watch_vq"

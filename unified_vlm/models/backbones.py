@@ -9,6 +9,22 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from unified_vlm.registry import BACKBONES
 
 
+def _tiny_config(config_cls, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
+                 max_position_embeddings, **extra):
+    return config_cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+        **extra,
+    )
+
+
 @BACKBONES.register("qwen2")
 def qwen2_from_config(
     vocab_size: int,
@@ -21,18 +37,8 @@ def qwen2_from_config(
     rope_theta: float = 10000.0,
 ) -> nn.Module:
     """A randomly initialised Qwen2 causal LM of the given size (no download)."""
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads or num_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        rope_theta=rope_theta,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
+    config = _tiny_config(Qwen2Config, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads,
+                          intermediate_size, max_position_embeddings, rope_theta=rope_theta)
     return Qwen2ForCausalLM(config)
 
 
@@ -47,17 +53,8 @@ def llama_from_config(
     max_position_embeddings: int = 2048,
 ) -> nn.Module:
     """A randomly initialised Llama causal LM (the Vicuna family) of the given size."""
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads or num_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
+    config = _tiny_config(LlamaConfig, vocab_size, hidden_size, num_layers, num_heads, num_kv_heads,
+                          intermediate_size, max_position_embeddings)
     return LlamaForCausalLM(config)
 
 
