@@ -74,6 +74,23 @@ def sample_logits(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def build_feature_norm(kind: Optional[str], dim: int) -> Optional[nn.Module]:
+    """Standardise encoder features before the projector.
+
+    ``batch``: per-dimension standardisation with running statistics (BatchNorm without affine
+    parameters), for frozen encoders whose feature dimensions differ in scale by orders of
+    magnitude (the tiny watch encoder's pooled token: std 3.8, max 16). ``layer``: LayerNorm per
+    token. None: raw features, as LLaVA and the paper feed them.
+    """
+    if kind is None:
+        return None
+    if kind == "batch":
+        return nn.BatchNorm1d(dim, affine=False, momentum=0.01)
+    if kind == "layer":
+        return nn.LayerNorm(dim, elementwise_affine=False)
+    raise ValueError(f"und_feature_norm must be batch, layer or null, got {kind!r}")
+
+
 class UnifiedVLM(L.LightningModule):
     """A unified VLM composed from registered parts; see the module docstring for the data flow."""
 
@@ -84,6 +101,7 @@ class UnifiedVLM(L.LightningModule):
         backbone: Optional[BackboneSpec] = None,
         image_output: Optional[ImageOutputSpec] = None,
         und_projector: str = "mlp",
+        und_feature_norm: Optional[str] = None,
         optim: Optional[OptimSpec] = None,
         sampling: Optional[SamplingSpec] = None,
         max_length: int = 512,
@@ -99,6 +117,7 @@ class UnifiedVLM(L.LightningModule):
                 "backbone": to_primitive(backbone),
                 "image_output": to_primitive(image_output),
                 "und_projector": und_projector,
+                "und_feature_norm": und_feature_norm,
                 "optim": to_primitive(optim),
                 "sampling": to_primitive(sampling),
                 "max_length": max_length,
@@ -120,6 +139,7 @@ class UnifiedVLM(L.LightningModule):
         hidden = self.lm.config.hidden_size
 
         self.und_projector = PROJECTORS.create(und_projector, in_dim=self.encoder.feature_dim, out_dim=hidden)
+        self.und_feature_norm = build_feature_norm(und_feature_norm, self.encoder.feature_dim)
         aligned = encoder.name == "vq_codes" and image_output.space == "vq"
         share = aligned if image_output.share_projector is None else image_output.share_projector
         if share:
@@ -177,6 +197,8 @@ class UnifiedVLM(L.LightningModule):
                 feats = self.encoder(images)
         else:
             feats = self.encoder(images)
+        if self.und_feature_norm is not None:
+            feats = self.und_feature_norm(feats.float().flatten(0, 1)).view_as(feats)
         return self.und_projector(feats)
 
     def embed_generation_targets(self, targets: torch.Tensor) -> torch.Tensor:
@@ -470,7 +492,7 @@ class UnifiedVLM(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_fit_start(self) -> None:
         """Save the text tokenizer into the run directory beside the checkpoints."""
-        if self.trainer.is_global_zero and self.trainer.log_dir:
+        if self.trainer.is_global_zero and self.trainer.logger is not None and self.trainer.log_dir:
             self.tokenizer.save_pretrained(os.path.join(self.trainer.log_dir, "tokenizer"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
