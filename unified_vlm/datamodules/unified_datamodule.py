@@ -90,7 +90,8 @@ class TaskMixSampler(Sampler[int]):
 
     ``proportions`` (task -> weight) draws each epoch's ``len(tasks)`` records with replacement
     in those proportions; without it every record is used once. ``chunk`` > 1 groups the order
-    into runs of ``chunk`` records of one task, so a batch holds one task and is padded only to
+    into runs of ``chunk`` records of one task (each task's remainder run comes at the end of the
+    epoch, where the last few batches may mix tasks), so a batch holds one task and is padded only to
     that task's lengths (short VQA prompts are not padded to the length of image-generation
     sequences). Use chunk = per-device batch x world size: Lightning's distributed wrapper deals
     indices round-robin, so each rank then still gets a one-task batch. Reshuffled by set_epoch.
@@ -128,7 +129,10 @@ class TaskMixSampler(Sampler[int]):
             order = torch.cat(list(drawn.values()))
             return iter(order[torch.randperm(len(order), generator=generator)].tolist())
         chunks = [ix[i:i + self.chunk] for ix in drawn.values() for i in range(0, len(ix), self.chunk)]
-        return iter([i for k in torch.randperm(len(chunks), generator=generator).tolist() for i in chunks[k].tolist()])
+        full = [c for c in chunks if len(c) == self.chunk]
+        partial = [c for c in chunks if len(c) < self.chunk]  # last, so they cannot shift later batches
+        order = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()] + partial
+        return iter([i for c in order for i in c.tolist()])
 
 
 def list_collate(records: list[dict]) -> list[dict]:
