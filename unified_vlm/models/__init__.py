@@ -1,5 +1,2 @@
-"""Importing this package registers every built-in component."""
-from unified_vlm.models import backbones, heads, projectors  # noqa: F401
-
-for _optional in ("quantizers", "encoders"):
-    __import__(f"unified_vlm.models.{_optional}")
+"""Importing this package registers every built-in component in ``unified_vlm.registry``."""
+from unified_vlm.models import backbones, encoders, heads, projectors, quantizers  # noqa: F401
