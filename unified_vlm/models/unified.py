@@ -29,7 +29,7 @@ from unified_vlm.models.config import (
     coerce,
     to_primitive,
 )
-from unified_vlm.registry import BACKBONES, ENCODERS, HEADS, PROJECTORS
+from unified_vlm.registry import BACKBONES, HEADS, PROJECTORS
 from unified_vlm.tokens import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
