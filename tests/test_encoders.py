@@ -23,7 +23,9 @@ ALL_ENCODERS = {
     "siglip": dict(TINY, feature_select="pooled+patch"),
     "clip": dict(TINY, feature_layer=-1, feature_select="cls_patch"),
     "timm": dict(TINY_TIMM, feature_select="cls_patch"),
+    "vq_codes": dict(weights="builtin"),  # frozen by design: codes are discrete
 }
+FROZEN_BY_DESIGN = {"vq_codes"}
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +54,10 @@ def test_forward_backward_contract(name):
     out = enc(images())
     assert out.shape == (2, enc.num_tokens, enc.feature_dim)
     assert torch.isfinite(out).all()
+    if name in FROZEN_BY_DESIGN:
+        assert not any(p.requires_grad for p in enc.parameters()) and out.grad_fn is None
+        assert not enc.training  # stays in eval mode under .train()
+        return
     out.square().mean().backward()
     trainable = [(n, p) for n, p in enc.named_parameters() if p.requires_grad]
     assert trainable
@@ -65,7 +71,8 @@ def test_other_resolutions_are_resized_inside(name):
     big = images(size=80)
     with torch.no_grad():
         direct = enc(big)
-        pre_resized = enc(F.interpolate(big, size=(32, 32), mode="bilinear", antialias=True, align_corners=False))
+        size = (enc.image_size, enc.image_size)
+        pre_resized = enc(F.interpolate(big, size=size, mode="bilinear", antialias=True, align_corners=False))
     assert direct.shape == (2, enc.num_tokens, enc.feature_dim)
     torch.testing.assert_close(direct, pre_resized)
 
@@ -257,3 +264,19 @@ def test_main_pretrains_saves_and_the_cache_is_reused(tmp_path, capsys):
     assert load_or_pretrain_encoder(None, cache_dir=str(cache), **kwargs) == str(cache)
     assert os.path.getmtime(cache / "config.json") == stamp
     assert load_or_pretrain_encoder(str(cache)) == str(cache)
+
+
+def test_vq_codes_are_the_tokenizers_unit_norm_code_vectors():
+    enc = build("vq_codes")
+    x = images(size=64)
+    with torch.no_grad():
+        feats = enc(x)
+        expected = enc.tokenizer.code_features(enc.tokenizer.encode(x))
+    assert feats.shape == (2, 64, 8)
+    torch.testing.assert_close(feats, expected.float())
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(2, 64))
+
+
+def test_vq_codes_without_weights_is_refused():
+    with pytest.raises(ValueError, match="vq_codes"):
+        ENCODERS.create("vq_codes", weights=None)

@@ -52,10 +52,10 @@ def save_text_tokenizer_atomically(tokenizer, target: Path) -> None:
 
 
 def resolve_encoder_weights(name: str, weights: str | None) -> str | None:
-    if weights != BUILTIN:
+    if weights != BUILTIN or name == "vq_codes":  # vq_codes resolves builtin through build_vq_tokenizer
         return weights
     if name != "siglip":
-        raise ValueError(f"encoder.weights: builtin only exists for the 'siglip' encoder, not {name!r}; give a local path or null")
+        raise ValueError(f"encoder.weights: builtin only exists for the 'siglip' and 'vq_codes' encoders, not {name!r}; give a local path or null")
     found = shipped("watch_encoder")
     if found is not None:
         return str(found)
@@ -73,17 +73,21 @@ def build_encoder(spec) -> nn.Module:
 
 
 def build_vq_tokenizer(path: str | None):
+    """``builtin`` (shipped, else cached, else trained once), a ``train-vq`` directory, or a
+    LlamaGen VQ-16 checkpoint file (``.pt``/``.pth``/``.safetensors``)."""
     from unified_vlm.models.vq_module import load_or_train_vq_tokenizer
     from unified_vlm.models.vq_tokenizer import VQTokenizer
 
     if path is None:
-        raise ValueError("image_output.tokenizer is null: a VQ output space needs a tokenizer (a local dir or builtin)")
-    if path != BUILTIN:
-        return VQTokenizer.from_pretrained(path)
-    found = shipped("watch_vq")
-    if found is not None:
-        return VQTokenizer.from_pretrained(found)
-    return load_or_train_vq_tokenizer(None)
+        raise ValueError("no VQ tokenizer given (null): a VQ space needs a tokenizer (a local dir, a LlamaGen file or builtin)")
+    if path == BUILTIN:
+        found = shipped("watch_vq")
+        return VQTokenizer.from_pretrained(found) if found is not None else load_or_train_vq_tokenizer(None)
+    if os.path.isfile(path):
+        from unified_vlm.models.llamagen_vq import LlamaGenVQ
+
+        return LlamaGenVQ.from_checkpoint(path)
+    return VQTokenizer.from_pretrained(path)
 
 
 def build_output_space(spec) -> nn.Module:

@@ -47,9 +47,14 @@ class ConversationCollator:
     num_generation_tokens: int
     max_length: int = 1024
     pad_to_multiple_of: int | None = None
+    prompt_dropout: float = 0.0
+    """In training batches, the probability that a record generating an image has its human text
+    replaced by the empty (unconditional) prompt: what classifier-free guidance learns from."""
     ids: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         self.ids = special_token_ids(self.tokenizer)
         self._newline = self._text("\n")
 
@@ -116,8 +121,32 @@ class ConversationCollator:
             "gen_image": gen_image,
         }
 
-    def __call__(self, records: list[dict]) -> dict:
-        """Right-padded batch; images are stacked in batch order (None when no record has one)."""
+    def drop_prompt(self, record: dict) -> dict:
+        """The record with every human turn emptied (image markers kept): the unconditional prompt."""
+        def empty(turn: dict) -> dict:
+            if turn["from"] != HUMAN:
+                return turn
+            return {**turn, "value": IMAGE_MARKER * turn["value"].count(IMAGE_MARKER)}
+
+        return {**record, "conversations": [empty(t) for t in record["conversations"]]}
+
+    def unconditional_prompt(self) -> list[int]:
+        """The inference prompt a generation is guided away from (the prompt dropped in training)."""
+        return self.encode_prompt([{"from": HUMAN, "value": ""}], 0)
+
+    def __call__(self, records: list[dict], training: bool = False) -> dict:
+        """Right-padded batch; images are stacked in batch order (None when no record has one).
+
+        ``training``: apply ``prompt_dropout`` to records whose assistant turn holds an image
+        (drawn from torch's global generator, which Lightning seeds per worker)."""
+        if training and self.prompt_dropout > 0:
+            records = [
+                self.drop_prompt(r)
+                if any(t["from"] == GPT and IMAGE_MARKER in t["value"] for t in r["conversations"])
+                and float(torch.rand(())) < self.prompt_dropout
+                else r
+                for r in records
+            ]
         encoded = [self.encode(r) for r in records]
         length = max(len(e["input_ids"]) for e in encoded)
         if self.pad_to_multiple_of:

@@ -7,6 +7,7 @@ or read from a LLaVA-schema JSON/JSONL file, so any dataset in that schema is tr
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Optional
 
@@ -250,7 +251,8 @@ class UnifiedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.datasets["train"]
-        return self._loader(ds, self.micro_batch_size(), True, self.collator, self._sampler(ds))
+        collate = functools.partial(self.collator, training=True)  # training-only transforms (prompt dropout)
+        return self._loader(ds, self.micro_batch_size(), True, collate, self._sampler(ds))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"], self.micro_batch_size(), False, self.collator)

@@ -1,7 +1,9 @@
-"""Language backbones: any Hugging Face causal LM, tiny from a config or from a local directory."""
+"""Language backbones: any Hugging Face causal LM, tiny from a config or from a local directory,
+and the training policy applied to it (full, LoRA through peft, or frozen)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional
 
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -70,4 +72,51 @@ def pretrained_causal_lm(vocab_size: int, path: str, dtype: str = "auto") -> nn.
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     if model.get_input_embeddings().num_embeddings < vocab_size:
         model.resize_token_embeddings(vocab_size)
+    return model
+
+
+TRAIN_POLICIES = ("full", "lora", "frozen")
+LORA_DEFAULTS: dict[str, Any] = {
+    "r": 128,
+    "alpha": 256,
+    "dropout": 0.05,
+    "target_modules": "all-linear",
+    "modules_to_save": None,
+}
+
+
+def apply_training_policy(
+    model: nn.Module, train: str = "full", lora: Optional[dict[str, Any]] = None, gradient_checkpointing: bool = False
+) -> nn.Module:
+    """Return the backbone ready to train under ``train`` (see ``BackboneSpec``).
+
+    LoRA wraps the model in a peft ``PeftModelForCausalLM`` (the paper's setting: adapters on
+    every Linear of the LM, embeddings and output layer frozen unless named in modules_to_save).
+    """
+    if train not in TRAIN_POLICIES:
+        raise ValueError(f"backbone.train must be one of {TRAIN_POLICIES}, got {train!r}")
+    lora = dict(lora or {})
+    if lora and train != "lora":
+        raise ValueError(f"backbone.lora is set but backbone.train is {train!r}: set train: lora or remove lora")
+    unknown = sorted(set(lora) - set(LORA_DEFAULTS))
+    if unknown:
+        raise ValueError(f"backbone.lora has unknown key(s) {unknown}; known: {sorted(LORA_DEFAULTS)}")
+    if train == "frozen":
+        model.requires_grad_(False)
+    elif train == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        settings = {**LORA_DEFAULTS, **lora}
+        config = LoraConfig(
+            r=int(settings["r"]),
+            lora_alpha=float(settings["alpha"]),
+            lora_dropout=float(settings["dropout"]),
+            target_modules=settings["target_modules"],
+            modules_to_save=settings["modules_to_save"],
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -32,6 +32,16 @@ class BackboneSpec:
     """Registered backbone: ``qwen2`` / ``llama`` (tiny, from a config) or ``pretrained`` (local dir)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the backbone factory (hidden_size, num_layers, ... or path)."""
+    train: str = "full"
+    """Training policy: ``full`` (every weight), ``lora`` (peft adapters; base weights frozen) or
+    ``frozen`` (no backbone weight trains; projectors and head still do)."""
+    lora: dict[str, Any] = field(default_factory=dict)
+    """LoRA settings when ``train: lora``: r, alpha, dropout, target_modules (``all-linear`` = every
+    Linear but the output layer, the paper's q/k/v/o/gate/up/down), modules_to_save (modules
+    trained in full beside the adapters, e.g. [embed_tokens, lm_head]). Paper: r 128, alpha 256,
+    dropout 0.05."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (saves memory on big backbones, costs time)."""
 
 
 @dataclass
@@ -48,6 +58,9 @@ class ImageOutputSpec:
     """alpha in loss = text CE + alpha * image loss (paper: 0.2 for VQ heads, 1.0 for continuous)."""
     projector: str = "linear"
     """Projector type for generation-side inputs (teacher-forced image tokens)."""
+    prompt_dropout: float = 0.0
+    """Probability that a training generation record's prompt is emptied (classifier-free
+    guidance learns the unconditional prediction from these; LlamaGen uses 0.1)."""
     share_projector: Optional[bool] = None
     """Feed generation inputs through the understanding projector. null = share exactly when input
     and output spaces are aligned (both VQ); the choice is logged at start-up (PAPER.md 7.3)."""
@@ -83,6 +96,9 @@ class SamplingSpec:
     top_p: Optional[float] = None
     seed: int = 0
     """Seed of the sampler, so a fixed seed gives the same images."""
+    cfg_scale: float = 1.0
+    """Classifier-free guidance scale for image tokens (1 = off); the model needs training with
+    ``image_output.prompt_dropout`` > 0 to have learned the unconditional prompt."""
 
 
 def coerce(spec_type, value):

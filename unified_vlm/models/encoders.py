@@ -309,3 +309,37 @@ class TimmEncoder(VisionEncoder):
         if features.ndim == 4:  # CNN: (B, C, H, W) -> (B, H*W, C)
             return features.flatten(2).transpose(1, 2)
         return features if self.feature_select == "cls_patch" else features[:, self.num_prefix_tokens:]
+
+
+@ENCODERS.register("vq_codes")
+class VQCodeEncoder(VisionEncoder):
+    """The paper's VQ input (PAPER.md 2.2): a frozen VQ tokenizer's quantised, l2-normalised code
+    vectors z_q, one token per code in raster order (8-dim for LlamaGen VQ-16).
+
+    ``weights``: a VQ tokenizer directory written by ``train-vq`` / ``save_pretrained``, a LlamaGen
+    VQ-16 checkpoint file (``vq_ds16_c2i.pt`` or ``.safetensors``), or ``builtin`` (the shipped
+    watch VQ). The tokenizer resizes images itself, so any square input size works. It is always
+    frozen: its codes are discrete, so no gradient could reach it anyway.
+    """
+
+    def __init__(self, weights: Optional[str] = "builtin") -> None:
+        from unified_vlm.builders import build_vq_tokenizer
+
+        if weights is None:
+            raise ValueError("encoder 'vq_codes' needs weights: a VQ tokenizer dir, a LlamaGen checkpoint file or builtin")
+        tokenizer = build_vq_tokenizer(weights)
+        size = int(getattr(tokenizer.config, "image_size", 0) or 0)
+        super().__init__(size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+        self.tokenizer = tokenizer
+        self.tokenizer.requires_grad_(False)
+        self.tokenizer.eval()
+        self.num_tokens, self.feature_dim = tokenizer.num_tokens, tokenizer.code_dim
+
+    def train(self, mode: bool = True):  # frozen: stays in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        return self.tokenizer.code_features(self.tokenizer.encode(images.float())).float()
