@@ -9,16 +9,30 @@ import yaml
 
 from unified_vlm.cli import main
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1].joinpath("configs")
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+TINY_CONFIGS = [c for c in CONFIGS if c.stem.startswith("tiny_")]
+PAPER_CONFIGS = [c for c in CONFIGS if c.stem.startswith("paper_")]
+MAIN_CONFIG = CONFIG_DIR / "tiny_siglip_vq.yaml"
+TINY_SIGLIP = {"name": "siglip", "weights": None, "options": {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}}
 
 
-def tiny_overrides(tmp_path: Path, vq_dir: str) -> Path:
-    """Shrinks any shipped config to a model that trains a step in well under a second."""
+def tiny_overrides(tmp_path: Path, vq_dir: str, config: Path = MAIN_CONFIG) -> Path:
+    """Shrinks a shipped config to a model that trains a step in well under a second, keeping
+    its combination: VQ-code inputs stay VQ codes, feature outputs stay features."""
+    model = yaml.safe_load(config.read_text())["model"]
+    vq_input = model["encoder"]["name"] == "vq_codes"
+    encoder = {"name": "vq_codes", "weights": vq_dir, "options": {}} if vq_input else TINY_SIGLIP
+    if model["image_output"]["space"] == "features":
+        same = model["image_output"].get("encoder") is None
+        image_output = {"tokenizer": None, "renderer": "retrieval:4", "encoder": None if same else TINY_SIGLIP}
+    else:
+        image_output = {"tokenizer": vq_dir}
     override = {
         "model": {
-            "encoder": {"name": "siglip", "weights": None, "options": {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+            "encoder": encoder,
             "backbone": {"name": "qwen2", "options": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}},
-            "image_output": {"tokenizer": vq_dir},
+            "image_output": image_output,
             "sampling": {"max_new_tokens": 4},
         },
         "data": {"image_size": 16, "num_train_watches": 8, "num_val_watches": 2, "num_test_watches": 3, "global_batch_size": 4, "num_workers": 0, "eval_batch_size": 8},
@@ -53,9 +67,15 @@ def test_unknown_command_suggests(capsys):
     assert "fit" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_the_four_combinations_ship_in_both_sizes():
+    combos = {"siglip_siglip", "siglip_vq", "vq_siglip", "vq_vq"}
+    assert {c.stem.removeprefix("tiny_") for c in TINY_CONFIGS} == combos
+    assert {c.stem.removeprefix("paper_") for c in PAPER_CONFIGS} == combos
+
+
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=[c.stem for c in TINY_CONFIGS])
 def test_fit_then_test_from_checkpoint(config, tmp_path, tiny_vq_dir, capsys):
-    tiny = tiny_overrides(tmp_path, tiny_vq_dir)
+    tiny = tiny_overrides(tmp_path, tiny_vq_dir, config)
     main(["fit", "--config", str(config), "--config", str(tiny)])
     run = tmp_path / "version_0"
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -77,12 +97,12 @@ def test_unknown_config_key_is_rejected(tmp_path, tiny_vq_dir):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  encoderr: {name: siglip}\n")
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(CONFIGS[0]), "--config", str(bad)])
+        main(["fit", "--config", str(MAIN_CONFIG), "--config", str(bad)])
 
 
 def test_predict_writes_images_from_a_prompts_file(tmp_path, tiny_vq_dir):
     tiny = tiny_overrides(tmp_path, tiny_vq_dir)
-    main(["fit", "--config", str(CONFIGS[0]), "--config", str(tiny), "--test_after_fit", "false"])
+    main(["fit", "--config", str(MAIN_CONFIG), "--config", str(tiny), "--test_after_fit", "false"])
     run = tmp_path / "version_0"
     assert (run / "tokenizer" / "tokenizer.json").is_file()  # the run keeps its tokenizer
     prompts = tmp_path / "prompts.txt"
@@ -94,3 +114,27 @@ def test_predict_writes_images_from_a_prompts_file(tmp_path, tiny_vq_dir):
     assert [e["prompt"] for e in entries] == ["Draw a smart watch showing 10:08:30.", "Please show a smart watch, with 80% battery."]
     for entry in entries:
         assert (out / entry["file"]).is_file() and entry["sampling"]["seed"] == 0
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS, ids=[c.stem for c in PAPER_CONFIGS])
+def test_paper_configs_parse_against_the_typed_specs(config):
+    """Paper configs need local 7B weights, so they are parsed (every key checked against the
+    model's typed signature and the data module's), not instantiated; the paper's numbers are pinned."""
+    from jsonargparse import ArgumentParser
+
+    from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
+    from unified_vlm.models.unified import UnifiedVLM
+
+    raw = yaml.safe_load(config.read_text())
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(UnifiedVLM, "model")
+    parser.add_class_arguments(UnifiedDataModule, "data", skip={"collator"})
+    parsed = parser.parse_object({"model": raw["model"], "data": raw["data"]})
+    model, data, trainer = parsed.model, parsed.data, raw["trainer"]
+    assert model.backbone.train == "lora" and model.backbone.lora == {"r": 128, "alpha": 256, "dropout": 0.05, "target_modules": "all-linear"}
+    assert model.backbone.gradient_checkpointing and model.encoder.freeze
+    assert (model.optim.lr, model.optim.projector_lr, model.optim.warmup_ratio) == (2e-4, 1e-4, 0.03)
+    assert data.global_batch_size == 393 and data.global_batch_size % trainer["devices"] == 0
+    assert trainer["max_epochs"] == 1 and trainer["precision"] == "bf16-mixed"
+    expected_alpha = 0.2 if model.image_output.space == "vq" else 1.0
+    assert model.image_output.loss_weight == expected_alpha

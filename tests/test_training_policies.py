@@ -149,3 +149,60 @@ def test_classifier_free_guidance(tiny_model_kwargs, watch_records):
         model.generate(prompts, cfg_scale=2.0, **kwargs)
     images = model.generate_images(gen, cfg_scale=2.0, max_new_tokens=2)
     assert all(img is not None and img.shape == (3, 16, 16) for img in images)
+
+
+def test_turn_averaged_text_loss_weighs_every_turn_equally(tiny_model_kwargs):
+    token = make(tiny_model_kwargs)
+    turn = make(tiny_model_kwargs, text_loss_average="turn")
+    end, ign = token.ids["end_turn"], -100
+    targets = torch.tensor([[5, end, ign, 7, 8, end], [9, 9, 9, 9, end, ign]])
+    logits = torch.randn(2, 6, len(token.tokenizer), generator=torch.Generator().manual_seed(0))
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    by_turn = [ce[0, 0:2].mean(), ce[0, 3:6].mean(), ce[1, 0:5].mean()]
+    torch.testing.assert_close(turn.text_loss(logits, targets), torch.stack(by_turn).mean())
+    valid = targets != ign
+    torch.testing.assert_close(token.text_loss(logits, targets), ce[valid].mean())
+    with pytest.raises(ValueError, match="text_loss_average"):
+        make(tiny_model_kwargs, text_loss_average="sample")
+
+
+def test_siglip_siglip_regresses_features_shares_the_projector_and_renders(tiny_model_kwargs, watch_records):
+    model = make(
+        tiny_model_kwargs,
+        image_output={"space": "features", "tokenizer": None, "head": "feature_regression", "loss_weight": 1.0,
+                      "renderer": "retrieval:8", "projector": "mlp"},
+    )
+    assert model.shares_projector and model.output_space.encoder is not model.encoder  # a frozen copy
+    assert model.output_space.num_tokens == model.encoder.num_tokens
+    out = gradient_report(model, model.collator(watch_records[:6]))
+    assert 0 < out["image_loss"] <= 2  # 1 - cosine
+    model.eval()
+    gen = [r for r in watch_records if r["task"] == "generation"][:2]
+    images = model.generate_images(gen, max_new_tokens=2)
+    assert all(img is not None and img.shape == (3, 16, 16) for img in images)
+
+
+def test_vq_siglip_is_misaligned(tiny_model_kwargs, tiny_vq_dir, watch_records):
+    model = make(
+        tiny_model_kwargs,
+        encoder={"name": "vq_codes", "weights": tiny_vq_dir, "options": {}},
+        und_projector="linear",
+        image_output={"space": "features", "tokenizer": None, "head": "feature_regression", "renderer": "retrieval:4",
+                      "encoder": tiny_model_kwargs["encoder"], "projector": "mlp"},
+    )
+    assert not model.shares_projector and model.output_space.feature_dim == 32
+    gradient_report(model, model.collator(watch_records[:6]))
+
+
+@pytest.mark.parametrize(
+    "image_output, match",
+    [
+        ({"space": "features", "head": "vq_classification", "renderer": "retrieval:4"}, "does not fit"),
+        ({"space": "features", "head": "feature_regression", "renderer": None}, "renderer"),
+        ({"space": "pixels"}, "available: vq, features"),
+        ({"space": "features", "head": "feature_regression", "renderer": "retrieval:x"}, "retrieval:N"),
+    ],
+)
+def test_incompatible_output_configs_fail_at_construction(tiny_model_kwargs, image_output, match):
+    with pytest.raises(ValueError, match=match):
+        make(tiny_model_kwargs, image_output=image_output)

@@ -90,9 +90,22 @@ def build_vq_tokenizer(path: str | None):
     return VQTokenizer.from_pretrained(path)
 
 
-def build_output_space(spec) -> nn.Module:
-    from unified_vlm.models.output_spaces import VQOutputSpace
+def build_output_space(spec, understanding_encoder=None) -> nn.Module:
+    """The generation-side space of ``spec`` (an ImageOutputSpec); ``understanding_encoder`` is
+    the EncoderSpec a ``features`` space copies when ``spec.encoder`` is null."""
+    from unified_vlm.models.config import EncoderSpec, coerce
+    from unified_vlm.models.output_spaces import VQOutputSpace, build_feature_output_space
 
     if spec.space == "vq":
         return VQOutputSpace(build_vq_tokenizer(spec.tokenizer))
-    raise ValueError(f"unknown image_output.space {spec.space!r}; available: vq")
+    if spec.space == "features":
+        tower = coerce(EncoderSpec, spec.encoder) if spec.encoder is not None else understanding_encoder
+        if tower is None:
+            raise ValueError("image_output.space 'features' needs a generation tower: set image_output.encoder")
+        if spec.renderer is None:
+            raise ValueError(
+                "image_output.renderer is null: a 'features' space needs a way to make pixels "
+                "(retrieval:N, or a directory from `python -m unified_vlm train-feature-decoder`)"
+            )
+        return build_feature_output_space(build_encoder(tower), spec.renderer)
+    raise ValueError(f"unknown image_output.space {spec.space!r}; available: vq, features")

@@ -14,7 +14,9 @@ TOOLS: dict[str, tuple[str, str]] = {
     "data": ("unified_vlm.datamodules.materialize:main", "materialise Smart Watch UI splits to PNG + JSONL"),
     "list": ("unified_vlm.cli:list_main", "list registered encoders, quantizers, projectors, heads, backbones"),
     "pretrain-encoder": ("unified_vlm.models.encoder_pretrain:main", "supervised attribute pretraining of the watch encoder"),
+    "pretrain-contrastive": ("unified_vlm.models.contrastive_pretrain:main", "SigLIP sigmoid-contrastive (image, caption) pretraining of the watch encoder"),
     "train-vq": ("unified_vlm.models.vq_module:main", "train the VQ image tokenizer on watch images"),
+    "train-feature-decoder": ("unified_vlm.models.feature_decoder:main", "train a pixel decoder for continuous (SigLIP) output features"),
     "build-assets": ("unified_vlm.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
 }
 LIGHTNING = {

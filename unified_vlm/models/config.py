@@ -49,9 +49,18 @@ class ImageOutputSpec:
     """The generation side: what image tokens the LM reads and predicts."""
 
     space: str = "vq"
-    """Output space: ``vq`` (discrete VQ codes, classification head)."""
+    """Output space: ``vq`` (discrete VQ codes, head ``vq_classification``) or ``features``
+    (continuous features of a frozen vision tower, head ``feature_regression``; the paper's
+    SigLIP output)."""
     tokenizer: Optional[str] = "builtin"
-    """VQ tokenizer directory; ``builtin`` = the shipped watch tokenizer (trained and cached if absent)."""
+    """``vq`` only: a VQ tokenizer directory, a LlamaGen VQ-16 checkpoint file, or ``builtin`` (the
+    shipped watch tokenizer, trained and cached if absent)."""
+    encoder: Optional[dict[str, Any]] = None
+    """``features`` only: the generation tower as an encoder spec ({name, weights, freeze, options});
+    null = the same spec as the understanding encoder (the paper's ``vision_tower_gen=same``)."""
+    renderer: Optional[str] = "retrieval:2000"
+    """``features`` only: how generated features become pixels: a directory written by
+    ``train-feature-decoder``, or ``retrieval:N`` (nearest of N training watches by feature)."""
     head: str = "vq_classification"
     """Registered output head."""
     loss_weight: float = 0.2

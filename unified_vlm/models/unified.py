@@ -141,7 +141,23 @@ def build_feature_norm(kind: Optional[str], dim: int) -> Optional[nn.Module]:
 
 
 class UnifiedVLM(L.LightningModule):
-    """A unified VLM composed from registered parts; see the module docstring for the data flow."""
+    """A unified VLM composed from registered parts; see the module docstring for the data flow.
+
+    Args:
+        text_tokenizer: ``builtin`` (the shipped watch BPE) or a local tokenizer directory; the
+            chat special tokens are added when missing.
+        encoder: the understanding-side vision tower (EncoderSpec).
+        backbone: the language backbone and its training policy (BackboneSpec).
+        image_output: the generation side: output space, head, alpha, projector sharing (ImageOutputSpec).
+        und_projector: registered projector for understanding features (``linear`` or ``mlp``).
+        und_feature_norm: condition encoder features before the projector: ``whiten``, ``batch``,
+            ``layer`` or null (raw, as the paper).
+        optim: AdamW, warmup and cosine, per-group learning rates (OptimSpec).
+        sampling: decoding settings for test and predict (SamplingSpec).
+        max_length: longest tokenised record; longer ones are an error, never silently cut.
+        text_loss_average: ``token`` (mean over supervised tokens, the paper's) or ``turn`` (every
+            supervised assistant turn weighs the same; see ``text_loss``).
+    """
 
     def __init__(
         self,
@@ -154,6 +170,7 @@ class UnifiedVLM(L.LightningModule):
         optim: Optional[OptimSpec] = None,
         sampling: Optional[SamplingSpec] = None,
         max_length: int = 512,
+        text_loss_average: str = "token",
     ) -> None:
         super().__init__()
         encoder, backbone = coerce(EncoderSpec, encoder), coerce(BackboneSpec, backbone)
@@ -170,9 +187,13 @@ class UnifiedVLM(L.LightningModule):
                 "optim": to_primitive(optim),
                 "sampling": to_primitive(sampling),
                 "max_length": max_length,
+                "text_loss_average": text_loss_average,
             }
         )
         self.optim_spec, self.sampling_spec = optim, sampling
+        if text_loss_average not in ("token", "turn"):
+            raise ValueError(f"text_loss_average must be 'token' or 'turn', got {text_loss_average!r}")
+        self.text_loss_average = text_loss_average
         from unified_vlm.builders import build_encoder, build_output_space, build_text_tokenizer
         from unified_vlm.datamodules.collate import ConversationCollator
         from unified_vlm.text_tokenizer import special_token_ids
@@ -183,7 +204,7 @@ class UnifiedVLM(L.LightningModule):
         self.encoder_frozen = encoder.freeze
         if encoder.freeze:
             self.encoder.requires_grad_(False)
-        self.output_space = build_output_space(image_output)
+        self.output_space = build_output_space(image_output, encoder)
         self.lm = apply_training_policy(
             BACKBONES.create(backbone.name, vocab_size=len(self.tokenizer), **backbone.options),
             backbone.train,
@@ -195,7 +216,10 @@ class UnifiedVLM(L.LightningModule):
 
         self.und_projector = PROJECTORS.create(und_projector, in_dim=self.encoder.feature_dim, out_dim=hidden)
         self.und_feature_norm = build_feature_norm(und_feature_norm, self.encoder.feature_dim)
-        aligned = encoder.name == "vq_codes" and image_output.space == "vq"
+        # Aligned pairs read and write one space: VQ codes in and out, or the same feature tower.
+        aligned = (encoder.name == "vq_codes" and image_output.space == "vq") or (
+            image_output.space == "features" and image_output.encoder in (None, to_primitive(encoder))
+        )
         share = aligned if image_output.share_projector is None else image_output.share_projector
         if share:
             if self.encoder.feature_dim != self.output_space.feature_dim:
@@ -215,15 +239,16 @@ class UnifiedVLM(L.LightningModule):
             "share" if share else "do not share",
             "explicit" if image_output.share_projector is not None else ("aligned spaces" if aligned else "misaligned spaces"),
         )
+        if getattr(HEADS.get(image_output.head), "discrete", True) != self.output_space.discrete:
+            raise ValueError(
+                f"head {image_output.head!r} does not fit output space {image_output.space!r}: "
+                f"{'discrete' if self.output_space.discrete else 'continuous'} targets need "
+                f"{'vq_classification' if self.output_space.discrete else 'feature_regression'}"
+            )
         if self.output_space.discrete:
             self.head = HEADS.create(image_output.head, hidden_size=hidden, codebook_size=self.output_space.target_size)
         else:
             self.head = HEADS.create(image_output.head, hidden_size=hidden, feature_dim=self.output_space.feature_dim)
-        if getattr(self.head, "discrete", True) != self.output_space.discrete:
-            raise ValueError(
-                f"head {image_output.head!r} does not fit output space {image_output.space!r}: "
-                f"{'discrete' if self.output_space.discrete else 'continuous'} targets need a matching head"
-            )
         self.alpha = image_output.loss_weight
         self.collator = ConversationCollator(
             tokenizer=self.tokenizer,
@@ -296,10 +321,7 @@ class UnifiedVLM(L.LightningModule):
         embeds = self.embed_inputs(input_ids, batch.get("und_pixel_values"), gen_targets)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
 
-        text_logits = self.lm.lm_head(hidden[:, :-1])
-        text_loss = F.cross_entropy(
-            text_logits.float().reshape(-1, text_logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
-        )
+        text_loss = self.text_loss(self.lm.lm_head(hidden[:, :-1]), labels[:, 1:])
         # The hidden state before each GEN_PAD slot predicts that slot's image token.
         slot_mask = input_ids[:, 1:] == self.ids["gen_pad"]
         if gen_targets is not None:
@@ -313,6 +335,26 @@ class UnifiedVLM(L.LightningModule):
         if gen_targets is None and not self.shares_projector:
             image_loss = image_loss + sum(p.sum() for p in self.gen_projector.parameters()) * 0.0
         return {"loss": text_loss + self.alpha * image_loss, "text_loss": text_loss, "image_loss": image_loss}
+
+    def text_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy, averaged as ``text_loss_average`` says.
+
+        ``token``: the mean over every supervised token of the batch (HF style, the paper's).
+        ``turn``: every supervised assistant turn (the tokens up to and including its END_TURN)
+        weighs the same, whatever its length. A one-word VQA answer then counts as much as an
+        8-token time or a 40-token caption, instead of being drowned by them.
+        """
+        ce = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        ).view(targets.shape)
+        valid = targets != IGNORE_INDEX
+        if self.text_loss_average == "token":
+            return ce.sum() / valid.sum().clamp(min=1)
+        ends = (targets == self.ids["end_turn"]) & valid
+        turn = torch.cumsum(ends.long(), dim=1) - ends.long()  # END_TURN belongs to the turn it closes
+        group = (turn + torch.arange(targets.shape[0], device=targets.device)[:, None] * targets.shape[1])[valid]
+        sizes = torch.zeros(targets.numel(), device=targets.device).scatter_add_(0, group, torch.ones_like(group, dtype=torch.float))
+        return (ce[valid] / sizes[group]).sum() / (sizes > 0).sum().clamp(min=1)
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         out = self(batch)
