@@ -367,22 +367,8 @@ def load_llamagen_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def _check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], path: Any, config: LlamaGenVQConfig) -> None:
     """Raise a ValueError that says how the file differs from the configured architecture."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if found[k].shape != expected[k].shape
-    ]
-    if not (missing or unexpected or shapes):
-        return
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)} in all)")
-    if shapes:
-        problems.append(f"shape mismatches [{'; '.join(shapes[:8])}{' ...' if len(shapes) > 8 else ''}]")
-    raise ValueError(
-        f"{path} does not hold a LlamaGen VQ-16 of this config ({asdict(config)}): {', '.join(problems)}"
-    )
+    from unified_vlm.models.vq_tokenizer import state_dict_mismatch
+
+    problems = state_dict_mismatch(expected, found)
+    if problems:
+        raise ValueError(f"{path} does not hold a LlamaGen VQ-16 of this config ({asdict(config)}): {', '.join(problems)}")

@@ -254,25 +254,34 @@ class VQTokenizer(nn.Module):
         return model.to(map_location).eval()
 
 
-def _check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], directory: Any) -> None:
-    """Raise a ValueError that says how the saved weights differ from the configured architecture."""
+def state_dict_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor]) -> list[str]:
+    """How ``found`` differs from ``expected``: missing and unexpected keys, shape mismatches
+    (each list cut at 8 entries); empty when they match."""
+    def cut(items: list[str]) -> str:
+        return f"{items[:8]}{' ...' if len(items) > 8 else ''} ({len(items)} in all)"
+
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     shapes = [
-        f"{k}: saved {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in sorted(set(expected) & set(found))
         if found[k].shape != expected[k].shape
     ]
-    if not (missing or unexpected or shapes):
-        return
     problems = []
     if missing:
-        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        problems.append(f"missing keys {cut(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        problems.append(f"unexpected keys {cut(unexpected)}")
     if shapes:
-        problems.append(f"shape mismatches [{'; '.join(shapes[:8])}{' ...' if len(shapes) > 8 else ''}]")
-    raise ValueError(
-        f"weights in {directory} do not match the architecture in its {CONFIG_NAME} "
-        f"(wrong architecture or an edited config): {', '.join(problems)}"
-    )
+        problems.append(f"shape mismatches {cut(shapes)}")
+    return problems
+
+
+def _check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], directory: Any) -> None:
+    """Raise a ValueError that says how the saved weights differ from the configured architecture."""
+    problems = state_dict_mismatch(expected, found)
+    if problems:
+        raise ValueError(
+            f"weights in {directory} do not match the architecture in its {CONFIG_NAME} "
+            f"(wrong architecture or an edited config): {', '.join(problems)}"
+        )
