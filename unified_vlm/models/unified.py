@@ -78,11 +78,12 @@ def sample_logits(
 class FeatureWhitening(nn.Module):
     """PCA (ZCA) whitening of frozen encoder features, estimated from the first training features.
 
-    Why: a frozen encoder's token is dominated by a few high-variance directions (the tiny watch
-    encoder's pooled token: face colour and hands hold most of its variance, the weather icon 1.3%
-    and the corner items 2.3%). A projector trained by gradient descent learns the small
-    directions slowly, and the LM answers those questions from its prior. Whitening gives every
-    direction unit variance, so the projector starts with all of them equally audible.
+    Why: a frozen encoder's token can be dominated by a few high-variance directions (the tiny
+    watch encoder's pooled token: face colour and hands hold most of its variance, the weather
+    icon 1.3 % and the corner items 2.3 %). Whitening gives every direction unit variance, so a
+    projector starts with all of them equally loud. On the tiny watch default it did not make the
+    language model read the weather sooner (README, "What limits understanding"); it is kept as an
+    option for encoders whose scales differ wildly.
 
     The statistics are a running average over the first ``fit_samples`` feature rows seen in
     training (summed over processes under DDP), then frozen; they are buffers, so checkpoints
