@@ -175,7 +175,10 @@ class UnifiedDataModule(L.LightningDataModule):
         if proportions is not None:
             unknown = set(proportions) - set(MODES[mode])
             if unknown:
-                raise ValueError(f"data.proportions names task(s) {sorted(unknown)} that mode {mode!r} excludes; tasks: {MODES[mode]}")
+                raise ValueError(
+                    f"data.proportions names task(s) {sorted(unknown)} that mode {mode!r} excludes; tasks: {MODES[mode]}. "
+                    "Set data.proportions to null (every record once) or to weights over those tasks"
+                )
             if any(v < 0 for v in proportions.values()) or sum(proportions.values()) <= 0:
                 raise ValueError(f"data.proportions must be non-negative with a positive sum, got {proportions}")
         self.save_hyperparameters(ignore=["collator"])
