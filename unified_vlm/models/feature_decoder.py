@@ -40,8 +40,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
@@ -53,6 +51,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Timer
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from unified_vlm.assets import publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -683,24 +683,8 @@ def _check_out_dir(directory: str, overwrite: bool) -> None:
 def _save_atomically(decoder: FeatureDecoder, directory: str, overwrite: bool, **info: Any) -> None:
     """Write into a temp dir beside ``directory`` and ``os.replace`` it into place, so a reader never
     sees half a decoder (see :func:`_check_out_dir` for when an existing one is replaced)."""
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    _check_out_dir(directory, overwrite)
-    tmp = tempfile.mkdtemp(prefix=".feature_decoder_tmp_", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        decoder.save_pretrained(tmp, **info)
-        for path, mode in [(tmp, 0o777)] + [(os.path.join(tmp, n), 0o666) for n in os.listdir(tmp)]:
-            os.chmod(path, mode & ~umask)  # mkdtemp makes the dir private
-        if os.path.exists(directory):
-            old = tempfile.mkdtemp(prefix=".feature_decoder_old_", dir=parent)
-            os.replace(directory, os.path.join(old, "previous"))
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _check_out_dir(os.path.abspath(directory), overwrite)
+    publish_dir(lambda tmp: decoder.save_pretrained(tmp, **info), directory, "feature_decoder")
 
 
 def train_feature_decoder(

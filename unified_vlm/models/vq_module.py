@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import fields
 from datetime import timedelta
 from typing import Any, Sequence
@@ -25,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from unified_vlm.assets import publish_dir
 from unified_vlm.datamodules.watch import render_watch, sample_watch
 from unified_vlm.models.vq_tokenizer import CONFIG_NAME, WEIGHTS_NAME, VQTokenizer, VQTokenizerConfig
 
@@ -251,29 +250,15 @@ def _save_atomically(tokenizer: VQTokenizer, directory: str, overwrite: bool) ->
 
     Without ``overwrite`` an existing ``directory`` (e.g. cached meanwhile by another process) wins.
     """
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".vq_tokenizer_tmp_", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
+    if os.path.exists(directory) and overwrite:
+        stray = set(os.listdir(directory)) - {CONFIG_NAME, WEIGHTS_NAME}
+        if stray:  # never delete a directory that is not a tokenizer
+            raise FileExistsError(f"{directory} exists and holds other files ({sorted(stray)[:5]}); pick another --out")
     try:
-        tokenizer.save_pretrained(tmp)
-        for path, mode in [(tmp, 0o777)] + [(os.path.join(tmp, n), 0o666) for n in os.listdir(tmp)]:
-            os.chmod(path, mode & ~umask)  # mkdtemp makes it private; a cache should read like a normal dir
-        if os.path.exists(directory) and overwrite:
-            stray = set(os.listdir(directory)) - {CONFIG_NAME, WEIGHTS_NAME}
-            if stray:  # never delete a directory that is not a tokenizer
-                raise FileExistsError(f"{directory} exists and holds other files ({sorted(stray)[:5]}); pick another --out")
-            old = tempfile.mkdtemp(prefix=".vq_tokenizer_old_", dir=parent)
-            os.replace(directory, os.path.join(old, "previous"))
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.replace(tmp, directory)
-        except OSError:
-            if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_dir(tokenizer.save_pretrained, directory, "vq_tokenizer", replace_existing=overwrite)
+    except OSError:
+        if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+            raise
 
 
 def train_vq_tokenizer(
