@@ -137,3 +137,49 @@ def test_a_few_steps_on_one_batch_reduce_the_loss(tiny_model_kwargs, watch_recor
         loss.backward()
         opt.step()
     assert loss.item() < 0.7 * first
+
+
+def test_token_slot_embedding_adds_one_learned_vector_per_image_token(tiny_model_kwargs, watch_records):
+    torch.manual_seed(0)
+    model = UnifiedVLM(**dict(tiny_model_kwargs, und_token_embedding=True)).train()
+    slots = model.und_token_embedding
+    assert slots.weight.shape == (model.encoder.num_tokens, model.lm.config.hidden_size)
+    images = torch.stack([r["image"] for r in watch_records if r["task"] == "vqa"][:2])
+    with torch.no_grad():
+        plain = model.und_projector(model.encoder(images))
+        torch.testing.assert_close(model.encode_understanding(images), plain + slots.weight)
+    out = model(model.collator(watch_records[:6]))
+    out["loss"].backward()
+    assert slots.weight.grad is not None and slots.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="image tokens"):
+        slots(torch.zeros(1, model.encoder.num_tokens + 1, slots.weight.shape[1]))
+
+
+def test_eager_attention_gives_the_sdpa_loss_and_an_exact_kv_cache(tiny_model_kwargs, watch_records):
+    models = {}
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        options = dict(tiny_model_kwargs["backbone"]["options"], attn_implementation=impl)
+        models[impl] = UnifiedVLM(**dict(tiny_model_kwargs, backbone={"name": "qwen2", "options": options})).eval()
+    batch = models["sdpa"].collator(watch_records[:6])
+    with torch.no_grad():
+        torch.testing.assert_close(models["eager"](batch)["loss"], models["sdpa"](batch)["loss"])
+    eager = models["eager"]
+    vqa = [r for r in watch_records if r["task"] == "vqa"][:2]
+    gen = [r for r in watch_records if r["task"] == "generation"][:1]
+    prompts, images = _prompts(eager, gen + vqa), [None] + [r["image"] for r in vqa]
+    cached = eager.generate(prompts, images, max_new_tokens=5, image_policy="auto", use_cache=True)
+    full = eager.generate(prompts, images, max_new_tokens=5, image_policy="auto", use_cache=False)
+    assert [o.text_ids for o in cached] == [o.text_ids for o in full]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampling_runs_on_cuda(model, watch_records):
+    """The sampling generator lives on the model's device (a CPU generator fails under CUDA)."""
+    gen = [r for r in watch_records if r["task"] == "generation"][:2]
+    model.to("cuda").eval()
+    try:
+        outs = model.generate(_prompts(model, gen), max_new_tokens=3, image_policy="force", temperature=1.0, image_temperature=1.0, seed=0)
+        assert all(o.image_tokens is not None and len(o.image_tokens) == model.output_space.num_tokens for o in outs)
+    finally:
+        model.to("cpu")

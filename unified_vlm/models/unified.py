@@ -21,6 +21,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from unified_vlm.models.backbones import apply_training_policy
+from unified_vlm.models.projectors import TokenSlotEmbedding
 from unified_vlm.models.config import (
     BackboneSpec,
     EncoderSpec,
@@ -158,6 +159,8 @@ class UnifiedVLM(L.LightningModule):
         max_length: longest tokenised record; longer ones are an error, never silently cut.
         text_loss_average: ``token`` (mean over supervised tokens, the paper's) or ``turn`` (every
             supervised assistant turn weighs the same; see ``text_loss``).
+        und_token_embedding: add a learned vector per image-token slot after the projector
+            (``TokenSlotEmbedding``), so the LM can tell which patch token it attends to.
     """
 
     def __init__(
@@ -172,6 +175,7 @@ class UnifiedVLM(L.LightningModule):
         sampling: Optional[SamplingSpec] = None,
         max_length: int = 512,
         text_loss_average: str = "token",
+        und_token_embedding: bool = False,
     ) -> None:
         super().__init__()
         encoder, backbone = coerce(EncoderSpec, encoder), coerce(BackboneSpec, backbone)
@@ -189,6 +193,7 @@ class UnifiedVLM(L.LightningModule):
                 "sampling": to_primitive(sampling),
                 "max_length": max_length,
                 "text_loss_average": text_loss_average,
+                "und_token_embedding": und_token_embedding,
             }
         )
         self.optim_spec, self.sampling_spec = optim, sampling
@@ -217,6 +222,7 @@ class UnifiedVLM(L.LightningModule):
 
         self.und_projector = PROJECTORS.create(und_projector, in_dim=self.encoder.feature_dim, out_dim=hidden)
         self.und_feature_norm = build_feature_norm(und_feature_norm, self.encoder.feature_dim)
+        self.und_token_embedding = TokenSlotEmbedding(self.encoder.num_tokens, hidden) if und_token_embedding else None
         # Aligned pairs read and write one space: VQ codes in and out, or the same feature tower.
         aligned = (encoder.name == "vq_codes" and image_output.space == "vq") or (
             image_output.space == "features" and image_output.encoder in (None, to_primitive(encoder))
@@ -281,7 +287,8 @@ class UnifiedVLM(L.LightningModule):
             feats = self.encoder(images)
         if self.und_feature_norm is not None:
             feats = self.und_feature_norm(feats.float().flatten(0, 1)).view_as(feats)
-        return self.und_projector(feats)
+        tokens = self.und_projector(feats)
+        return tokens if self.und_token_embedding is None else self.und_token_embedding(tokens)
 
     def embed_generation_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """Image targets (N, T[, D]) -> projected generation-side input tokens (N, T, hidden)."""
@@ -374,6 +381,8 @@ class UnifiedVLM(L.LightningModule):
     def configure_optimizers(self):
         spec = self.optim_spec
         adapters = list(self.und_projector.parameters()) + list(self.head.parameters())
+        if self.und_token_embedding is not None:
+            adapters += list(self.und_token_embedding.parameters())
         if not self.shares_projector:
             adapters += list(self.gen_projector.parameters())
         adapter_ids = {id(p) for p in adapters}
@@ -457,8 +466,8 @@ class UnifiedVLM(L.LightningModule):
                 raise ValueError("cfg_scale != 1 needs one unconditional prompt per prompt (uncond_prompts)")
             if und_images is not None and any(im is not None for im in und_images):
                 raise ValueError("classifier-free guidance is for text-to-image prompts; these prompts carry images")
-        generator = torch.Generator(device="cpu").manual_seed(s.seed if seed is None else seed)
         device = self.device
+        generator = torch.Generator(device=device).manual_seed(s.seed if seed is None else seed)
         B = len(prompts)
         ids = self.ids
         und_images = und_images or [None] * B
