@@ -92,6 +92,27 @@ def test_feature_select_sets_num_tokens(name, select, expected):
     assert enc.num_tokens == expected == out.shape[1]
 
 
+def test_patch_pool_averages_the_patch_grid_cell_by_cell():
+    x = images()
+    with torch.no_grad():
+        full = build("siglip", feature_select="patch")(x)  # 32 px / 8 px patches: a 4x4 grid
+        pooled = build("siglip", feature_select="pooled+patch", patch_pool=2)(x)
+        pooled_token = build("siglip", feature_select="pooled")(x)
+    enc = build("siglip", feature_select="pooled+patch", patch_pool=2)
+    assert enc.num_tokens == 5 == pooled.shape[1]
+    torch.testing.assert_close(pooled[:, 0], pooled_token[:, 0])
+    grid = full.view(2, 4, 4, -1)
+    cells = [grid[:, :2, :2], grid[:, :2, 2:], grid[:, 2:, :2], grid[:, 2:, 2:]]  # row-major: TL, TR, BL, BR
+    for k, cell in enumerate(cells):
+        torch.testing.assert_close(pooled[:, 1 + k], cell.mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("select, pool", [("pooled", 2), ("patch", 5), ("patch", 0)])
+def test_patch_pool_needs_patch_tokens_and_a_grid_it_fits(select, pool):
+    with pytest.raises(ValueError, match="patch_pool"):
+        build("siglip", feature_select=select, patch_pool=pool)
+
+
 def test_siglip_pooled_token_comes_first_then_the_patch_tokens():
     x = images()
     with torch.no_grad():

@@ -14,6 +14,7 @@ Weights load only from local directories or files: nothing here touches the netw
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Optional, Sequence
 
@@ -87,6 +88,14 @@ def _layer_count(feature_layer: int, num_layers: int) -> int:
     return feature_layer % (num_layers + 1)
 
 
+def pool_patch_grid(patch: Tensor, side: int) -> Tensor:
+    """(B, g*g, D) row-major patch tokens -> (B, side*side, D) by adaptive average pooling of the grid."""
+    b, n, d = patch.shape
+    g = math.isqrt(n)
+    grid = patch.transpose(1, 2).reshape(b, d, g, g)
+    return F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)
+
+
 class HFVisionEncoder(VisionEncoder):
     """A transformers vision tower whose reading options travel with its weights directory."""
 
@@ -156,6 +165,7 @@ class SiglipEncoder(HFVisionEncoder):
         feature_layer: Optional[int] = None,
         feature_select: Optional[str] = None,
         attn_implementation: str = "eager",
+        patch_pool: Optional[int] = None,
     ) -> None:
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
@@ -176,7 +186,12 @@ class SiglipEncoder(HFVisionEncoder):
         self.uses_patch = "patch" in self.feature_select
         if self.uses_pooled and not model.config.vision_use_head:
             raise ValueError("feature_select uses the pooled token but this SigLIP has no pooling head")
-        self.num_tokens = int(self.uses_pooled) + self.num_patches * int(self.uses_patch)
+        self.patch_pool = patch_pool
+        grid = math.isqrt(self.num_patches)
+        if patch_pool is not None and not (self.uses_patch and 1 <= patch_pool <= grid):
+            raise ValueError(f"patch_pool must be in [1, {grid}] and needs patch tokens in feature_select, got {patch_pool}")
+        patches = self.num_patches if patch_pool is None else patch_pool ** 2
+        self.num_tokens = int(self.uses_pooled) + patches * int(self.uses_patch)
         self._freeze_unused()
 
     def _freeze_unused(self) -> None:
@@ -203,7 +218,7 @@ class SiglipEncoder(HFVisionEncoder):
         if self.uses_pooled:
             tokens.append(views["pooled"].unsqueeze(1))
         if self.uses_patch:
-            tokens.append(views["patch"])
+            tokens.append(views["patch"] if self.patch_pool is None else pool_patch_grid(views["patch"], self.patch_pool))
         return torch.cat(tokens, dim=1)
 
 

@@ -1,7 +1,8 @@
 """Modality projectors: image features -> language-model embedding space (PAPER.md 2.3)."""
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from unified_vlm.registry import PROJECTORS
 
@@ -17,3 +18,23 @@ def mlp_projector(in_dim: int, out_dim: int, hidden_dim: int | None = None) -> n
     """Linear, GELU, Linear (LLaVA's mlp2x_gelu): the paper's projector for SigLIP features."""
     hidden_dim = hidden_dim or out_dim
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
+
+
+class TokenSlotEmbedding(nn.Module):
+    """A learned vector per image-token slot, added after the projector.
+
+    The language model's rotary positions shift attention scores but put no position into the
+    values an attention head copies, so "which token held the battery" cannot be read out from a
+    set of image tokens. A slot vector per token (a learned 2D position embedding for a patch
+    grid) gives each token an identity the answer can copy: on the watch data it is what lets
+    the model say in which corner an item is (README, "What limits understanding").
+    """
+
+    def __init__(self, num_tokens: int, dim: int, std: float = 0.02) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_tokens, dim) * std)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if tokens.shape[-2] != self.weight.shape[0]:
+            raise ValueError(f"expected {self.weight.shape[0]} image tokens, got {tokens.shape[-2]}")
+        return tokens + self.weight.to(tokens.dtype)
