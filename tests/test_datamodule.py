@@ -124,3 +124,32 @@ def test_task_sampler_chunks_survive_round_robin_ranks():
         mine = order[rank::2]
         for start in range(0, len(mine) - len(mine) % 4, 4):
             assert len({tasks[i] for i in mine[start:start + 4]}) == 1
+
+
+def test_length_pool_sorts_neighbouring_batches_by_length_and_keeps_every_record(collator):
+    plain = make(collator, num_train_watches=60, group_by_task=True, proportions={"vqa": 1.0, "caption": 1.0, "generation": 1.0})
+    grouped = make(collator, num_train_watches=60, group_by_task=True, proportions={"vqa": 1.0, "caption": 1.0, "generation": 1.0}, length_pool=5)
+    dataset = grouped.datasets["train"]
+    lengths = dataset.text_lengths()
+    assert len(lengths) == 180
+    assert all(lengths[i] == sum(len(t["value"]) for t in dataset[i]["conversations"]) for i in (0, 1, 2, 100))
+    order_plain = list(plain.train_dataloader().sampler)
+    order_grouped = list(grouped.train_dataloader().sampler)
+    assert sorted(order_plain) == sorted(order_grouped)  # the same draw, only regrouped
+
+    def padded(order):  # what a batch costs: its longest record times its size
+        return sum(max(lengths[i] for i in order[k:k + 6]) * len(order[k:k + 6]) for k in range(0, len(order), 6))
+
+    assert padded(order_grouped) < padded(order_plain)
+    tasks = grouped.datasets["train"].tasks()
+    assert all(len({tasks[i] for i in order_grouped[k:k + 6]}) == 1 for k in range(0, 150, 6))
+    assert order_grouped == list(grouped.train_dataloader().sampler)  # deterministic for an epoch
+
+
+def test_length_pool_is_validated():
+    from unified_vlm.datamodules.unified_datamodule import TaskMixSampler
+
+    with pytest.raises(ValueError, match="length_pool"):
+        TaskMixSampler(["vqa"] * 4, chunk=2, lengths=[1, 2, 3, 4], length_pool=0)
+    with pytest.raises(ValueError, match="lengths"):
+        TaskMixSampler(["vqa"] * 4, chunk=2, lengths=[1, 2], length_pool=2)

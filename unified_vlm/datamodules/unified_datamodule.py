@@ -55,6 +55,14 @@ class TensorImages(Dataset):
             return [base.tasks[i % len(base.tasks)] for i in range(len(base))]
         return [r["task"] for r in base.records]
 
+    def text_lengths(self) -> list[int]:
+        """Characters of conversation text per item (a proxy for its token count), without images."""
+        from unified_vlm.datamodules.streams import WatchStream
+
+        base = self.records
+        records = (base.record(i) for i in range(len(base))) if isinstance(base, WatchStream) else base.records
+        return [sum(len(turn["value"]) for turn in r["conversations"]) for r in records]
+
 
 class PromptDataset(Dataset):
     """Generation prompts from a text file, one per line (blank lines and '#' comments skipped)."""
@@ -96,10 +104,22 @@ class TaskMixSampler(Sampler[int]):
     that task's lengths (short VQA prompts are not padded to the length of image-generation
     sequences). Use chunk = per-device batch x world size: Lightning's distributed wrapper deals
     indices round-robin, so each rank then still gets a one-task batch. Reshuffled by set_epoch.
+
+    ``lengths`` with ``length_pool`` > 1 (needs chunk > 1) also groups by length, as Hugging Face's
+    ``group_by_length``: each run of ``length_pool`` chunks of one task is sorted by length and
+    cut again, so a batch holds records of similar length (VQA records of 1 to 4 turns are padded
+    to their neighbours', not to the longest of a random draw). The chunks are still shuffled.
     """
 
-    def __init__(self, tasks: list[str], proportions: Optional[dict[str, float]] = None, chunk: int = 1, seed: int = 0) -> None:
+    def __init__(self, tasks: list[str], proportions: Optional[dict[str, float]] = None, chunk: int = 1, seed: int = 0,
+                 lengths: Optional[list[int]] = None, length_pool: int = 1) -> None:
+        if lengths is not None and len(lengths) != len(tasks):
+            raise ValueError(f"lengths has {len(lengths)} entries for {len(tasks)} records")
+        if length_pool < 1:
+            raise ValueError(f"length_pool must be >= 1, got {length_pool}")
         self.tasks, self.proportions, self.chunk, self.seed, self.epoch = tasks, proportions, max(1, chunk), seed, 0
+        self.lengths = torch.tensor(lengths) if lengths is not None else None
+        self.length_pool = length_pool
         self.by_task: dict[str, list[int]] = {}
         for index, task in enumerate(tasks):
             self.by_task.setdefault(task, []).append(index)
@@ -129,11 +149,22 @@ class TaskMixSampler(Sampler[int]):
         if self.chunk == 1:
             order = torch.cat(list(drawn.values()))
             return iter(order[torch.randperm(len(order), generator=generator)].tolist())
+        if self.lengths is not None and self.length_pool > 1:
+            drawn = {task: self._sort_pools(ix) for task, ix in drawn.items()}
         chunks = [ix[i:i + self.chunk] for ix in drawn.values() for i in range(0, len(ix), self.chunk)]
         full = [c for c in chunks if len(c) == self.chunk]
         partial = [c for c in chunks if len(c) < self.chunk]  # last, so they cannot shift later batches
         order = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()] + partial
         return iter([i for c in order for i in c.tolist()])
+
+    def _sort_pools(self, ix: torch.Tensor) -> torch.Tensor:
+        """Sort each run of ``length_pool * chunk`` indices by length (stable, so ties keep the shuffle)."""
+        pool = self.length_pool * self.chunk
+        parts = []
+        for start in range(0, len(ix), pool):
+            part = ix[start:start + pool]
+            parts.append(part[torch.argsort(self.lengths[part], stable=True)])
+        return torch.cat(parts) if parts else ix
 
 
 def list_collate(records: list[dict]) -> list[dict]:
@@ -165,6 +196,7 @@ class UnifiedDataModule(L.LightningDataModule):
         paper_hours: bool = False,
         global_batch_size: int = 32,
         group_by_task: bool = False,
+        length_pool: int = 1,
         eval_batch_size: int = 50,
         num_workers: int = 1,
         collator: Any = None,
@@ -237,7 +269,9 @@ class UnifiedDataModule(L.LightningDataModule):
             return None  # plain shuffling, the paper's setting
         world = self.trainer.world_size if self.trainer is not None else 1
         chunk = self.micro_batch_size() * world if self.hparams.group_by_task else 1
-        return TaskMixSampler(dataset.tasks(), self.proportions, chunk=chunk, seed=self.hparams.seed)
+        by_length = self.hparams.group_by_task and self.hparams.length_pool > 1
+        return TaskMixSampler(dataset.tasks(), self.proportions, chunk=chunk, seed=self.hparams.seed,
+                              lengths=dataset.text_lengths() if by_length else None, length_pool=self.hparams.length_pool)
 
     def _loader(self, dataset, batch_size, shuffle, collate_fn, sampler=None) -> DataLoader:
         workers = self.hparams.num_workers
