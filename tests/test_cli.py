@@ -83,6 +83,8 @@ def test_fit_then_test_from_checkpoint(config, tmp_path, tiny_vq_dir, capsys):
     scores = json.loads((run / "test_scores.json").read_text())
     assert scores["summary"]["all_turns"]["count"] > 0
     assert (run / "generation_grid.png").is_file()
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/vqa/total", "val/vqa/weather"} <= set(header)  # the VQA probe scored the validation split
     out = capsys.readouterr().out
     assert "VQA scores on the test split" in out
 
@@ -91,6 +93,13 @@ def test_fit_then_test_from_checkpoint(config, tmp_path, tiny_vq_dir, capsys):
     main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "retest")])
     rescored = json.loads((tmp_path / "retest" / "test_scores.json").read_text())
     assert rescored["summary"] == scores["summary"]  # greedy decoding of the same weights
+
+
+def test_vqa_probe_rejects_a_negative_record_count():
+    from unified_vlm.callbacks import VQAProbe
+
+    with pytest.raises(ValueError, match="max_records"):
+        VQAProbe(max_records=-1)
 
 
 def test_unknown_config_key_is_rejected(tmp_path, tiny_vq_dir):

@@ -56,6 +56,9 @@ def print_help() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        if logging.getLogger(name).handlers:  # Lightning prints its own messages: not twice
+            logging.getLogger(name).propagate = False
     if not argv or argv[0] in ("-h", "--help"):
         print_help()
         return 0

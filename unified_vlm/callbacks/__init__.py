@@ -1,4 +1,5 @@
 from unified_vlm.callbacks.evaluation_report import EvaluationReport
 from unified_vlm.callbacks.prediction_writer import PredictionWriter
+from unified_vlm.callbacks.vqa_probe import VQAProbe
 
-__all__ = ["EvaluationReport", "PredictionWriter"]
+__all__ = ["EvaluationReport", "PredictionWriter", "VQAProbe"]
