@@ -144,6 +144,8 @@ class SiglipEncoder(HFVisionEncoder):
     feature_select: "patch" = every patch token (SigLIP has no CLS, so this is the paper's
     ``cls_patch``, also accepted as a name), "pooled" = the attention-pooling head's output as
     one token, "pooled+patch" = that token followed by the patch tokens.
+    patch_pool: k averages the patch grid to k x k tokens (row-major), e.g. 2 gives one token per
+    quadrant: 4 instead of 64 patch tokens for a language model that is slow per token.
     When ``weights`` is a directory, the architecture comes from its config; options left as
     None come from the directory's ``unified_vlm_encoder.json`` (written by ``save_pretrained``),
     else -1 and "patch". ``attn_implementation`` "eager" trains about 30 % faster than "sdpa" on
