@@ -56,9 +56,8 @@ def print_help() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        if logging.getLogger(name).handlers:  # Lightning prints its own messages: not twice
-            logging.getLogger(name).propagate = False
+    # Lightning's top logger always gets its own console handler: stop its messages there, not twice.
+    logging.getLogger("lightning").propagate = False
     if not argv or argv[0] in ("-h", "--help"):
         print_help()
         return 0
