@@ -21,6 +21,25 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(directory)
 
 
+def gather_objects(trainer: L.Trainer, items: list) -> list:
+    """Every rank's ``items``, concatenated in rank order (the list itself on one process)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return items
+    gathered: list[list] = [None] * trainer.world_size  # type: ignore[list-item]
+    torch.distributed.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
+def score_vqa(answers: list[dict]):
+    """A ``VQAScorer`` holding every answer from ``UnifiedVLM.answer_vqa``."""
+    from unified_vlm.scoring import VQAScorer
+
+    scorer = VQAScorer()
+    for a in answers:
+        scorer.add(a["record_id"], a["turn"], a["question"], a["ground_truth"], a["answer"])
+    return scorer
+
+
 def write_json_atomically(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -66,19 +85,8 @@ class EvaluationReport(L.Callback):
             if len(self.generated) < self.grid_size and item.get("target") is not None:
                 self.generated.append(item)
 
-    def _gather(self, trainer, items: list) -> list:
-        if trainer.world_size == 1 or not torch.distributed.is_initialized():
-            return items
-        gathered: list[list] = [None] * trainer.world_size  # type: ignore[list-item]
-        torch.distributed.all_gather_object(gathered, items)
-        return [x for part in gathered for x in part]
-
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        from unified_vlm.scoring import VQAScorer
-
-        scorer = VQAScorer()
-        for item in self._gather(trainer, self.vqa):
-            scorer.add(item["record_id"], item["turn"], item["question"], item["ground_truth"], item["answer"])
+        scorer = score_vqa(gather_objects(trainer, self.vqa))
         self.summary = scorer.summary()
         for scope, values in self.summary.items():
             for key, value in values.items():

@@ -11,6 +11,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import torch
 
+from unified_vlm.callbacks.evaluation_report import gather_objects, score_vqa
+
 
 class VQAProbe(L.Callback):
     def __init__(self, max_records: int = 64) -> None:
@@ -24,18 +26,12 @@ class VQAProbe(L.Callback):
         dataset = getattr(datamodule, "datasets", {}).get("val") if datamodule is not None else None
         if dataset is None:
             return []
-        rank, world = trainer.global_rank, trainer.world_size
-        records = []
-        tasks = dataset.tasks()
-        for index in [i for i, task in enumerate(tasks) if task == "vqa"][: self.max_records][rank::world]:
-            records.append(dataset[index])
-        return records
+        vqa = [i for i, task in enumerate(dataset.tasks()) if task == "vqa"][: self.max_records]
+        return [dataset[i] for i in vqa[trainer.global_rank::trainer.world_size]]
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self.max_records == 0 or trainer.sanity_checking or not hasattr(pl_module, "answer_vqa"):
             return
-        from unified_vlm.scoring import VQAScorer
-
         records = self._records(trainer)
         if not records and trainer.world_size == 1:
             return
@@ -44,14 +40,8 @@ class VQAProbe(L.Callback):
         with torch.no_grad():
             answers = pl_module.answer_vqa(records) if records else []
         pl_module.train(was_training)
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            gathered: list[list] = [None] * trainer.world_size  # type: ignore[list-item]
-            torch.distributed.all_gather_object(gathered, answers)
-            answers = [a for part in gathered for a in part]
-        scorer = VQAScorer()
-        for a in answers:
-            scorer.add(a["record_id"], a["turn"], a["question"], a["ground_truth"], a["answer"])
-        summary = scorer.summary()["all_turns"]
+        answers = gather_objects(trainer, answers)
+        summary = score_vqa(answers).summary()["all_turns"]
         self.last = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and k != "count"}
         for key, value in self.last.items():
             pl_module.log(f"val/vqa/{key}", value, sync_dist=False, rank_zero_only=True)
