@@ -106,8 +106,7 @@ def main() -> None:
             val.append(rec)
     val_batches = [model.collator(val[i : i + 64]) for i in range(0, len(val), 64)]
 
-    adapters = {id(q) for m in (model.und_projector, model.head, model.und_token_embedding, model.gen_projector)
-                if m is not None for q in m.parameters()}
+    adapters = {id(q) for q in model.adapter_parameters()}
     trainable = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": [q for q in trainable if id(q) not in adapters], "lr": lr, "weight_decay": optim.weight_decay},

@@ -378,13 +378,14 @@ class UnifiedVLM(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")
 
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Projectors, output head and slot vectors: what trains at ``optim.projector_lr``."""
+        modules = (self.und_projector, self.head, self.und_token_embedding, None if self.shares_projector else self.gen_projector)
+        return [p for m in modules if m is not None for p in m.parameters()]
+
     def configure_optimizers(self):
         spec = self.optim_spec
-        adapters = list(self.und_projector.parameters()) + list(self.head.parameters())
-        if self.und_token_embedding is not None:
-            adapters += list(self.und_token_embedding.parameters())
-        if not self.shares_projector:
-            adapters += list(self.gen_projector.parameters())
+        adapters = self.adapter_parameters()
         adapter_ids = {id(p) for p in adapters}
         decay, no_decay = [], []
         for name, p in self.named_parameters():
