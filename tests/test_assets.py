@@ -18,7 +18,7 @@ def watches(split: str, n: int, size: int = 64):
 
 @pytest.mark.skipif(shipped("watch_tokenizer") is None, reason="no shipped tokenizer")
 def test_shipped_tokenizer_is_what_build_assets_trains():
-    from unified_vlm.builders import watch_text_corpus
+    from unified_vlm.pretraining.text_tokenizer import watch_text_corpus
     from unified_vlm.text_tokenizer import load_text_tokenizer, train_text_tokenizer, tokenizer_to_json
 
     assert tokenizer_to_json(load_text_tokenizer(shipped("watch_tokenizer"))) == tokenizer_to_json(
@@ -64,3 +64,29 @@ def test_shipped_vq_tokenizer_reconstructs_watches():
     psnr = 10 * torch.log10(1 / ((recon - images) ** 2).mean())
     assert codes.shape == (32, vq.num_tokens) and psnr > 20, f"PSNR {psnr:.1f} dB"
     assert codes.unique().numel() > 0.25 * vq.codebook_size  # the codebook is in use
+
+
+def test_builtin_kinds_name_what_a_model_config_needs():
+    from unified_vlm.pretraining.build_assets import builtin_kinds
+
+    assert builtin_kinds({}) == ["tokenizer", "encoder", "vq"]  # the defaults: siglip in, vq out
+    vq_vq = {"encoder": {"name": "vq_codes", "weights": "builtin"}, "image_output": {"space": "vq", "tokenizer": "builtin"}}
+    assert builtin_kinds(vq_vq) == ["tokenizer", "vq"]
+    local = {"text_tokenizer": "/tok", "encoder": {"name": "siglip", "weights": "/enc"},
+             "image_output": {"space": "features", "encoder": None}}
+    assert builtin_kinds(local) == []  # the feature tower copies the (local) input encoder
+
+
+def test_a_missing_builtin_is_an_error_that_says_how_to_make_it(tmp_path, monkeypatch):
+    import unified_vlm.assets as assets
+
+    monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path / "package")
+    monkeypatch.setenv("UNIFIED_VLM_CACHE", str(tmp_path / "cache"))
+    assert assets.find_builtin("vq") is None
+    with pytest.raises(assets.BuiltinAssetMissing, match="build-assets --parts vq"):
+        assets.require_builtin("vq")
+    cached = tmp_path / "cache" / assets.BUILTIN_ASSETS["vq"].cache_name
+    cached.mkdir(parents=True)
+    assert assets.find_builtin("vq") is None  # an incomplete cache directory does not count
+    (cached / "config.json").write_text("{}")
+    assert assets.find_builtin("vq") == cached

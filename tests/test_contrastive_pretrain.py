@@ -1,17 +1,18 @@
 """SigLIP-style sigmoid-contrastive pretraining: loss, data, gradients, save/load, CLI."""
 import json
 import math
+import os
 
 import pytest
 import torch
 
 from unified_vlm.cli import main as cli_main
-from unified_vlm.models.contrastive_pretrain import (
+from unified_vlm.files import publish_dir
+from unified_vlm.pretraining.contrastive import (
     TEXT_TOWER_DIR,
     SigmoidContrastiveModule,
     WatchCaptionDataModule,
     WatchCaptionDataset,
-    _replace_dir,
     load_text_tower,
     load_tokenizer,
     same_text,
@@ -161,10 +162,8 @@ def test_cli_trains_saves_atomically_and_refuses_a_non_empty_out_dir(tmp_path, c
 
 
 def test_replacing_a_non_empty_dir_leaves_nothing_behind(tmp_path):
-    old, new = tmp_path / "out", tmp_path / "new"
+    old = tmp_path / "out"
     old.mkdir()
     (old / "stale.txt").write_text("x")
-    new.mkdir()
-    (new / "config.json").write_text("{}")
-    _replace_dir(new, old)
+    publish_dir(lambda tmp: open(os.path.join(tmp, "config.json"), "w").write("{}"), str(old), "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in old.iterdir()] == ["config.json"]

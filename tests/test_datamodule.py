@@ -15,7 +15,7 @@ from unified_vlm.models.unified import UnifiedVLM
 
 @pytest.fixture(scope="module")
 def collator():
-    from unified_vlm.builders import build_text_tokenizer
+    from unified_vlm.models.builders import build_text_tokenizer
 
     return ConversationCollator(build_text_tokenizer("builtin"), num_understanding_tokens=4, num_generation_tokens=16)
 

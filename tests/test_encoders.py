@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from unified_vlm.datamodules.watch import WatchAttributes, sample_watch
-from unified_vlm.models.encoder_pretrain import (
+from unified_vlm.pretraining.encoder import (
     OUTPUTS, TOKEN_CHANNELS, AttributePretrainModule, WatchAttributeDataModule, attribute_metrics, attribute_targets,
     decode_time, load_or_pretrain_encoder, main, token_targets,
 )

@@ -10,11 +10,11 @@ from unified_vlm.models.feature_decoder import (
     WEIGHTS_NAME,
     FeatureDecoder,
     FeatureDecoderConfig,
-    FeatureDecoderModule,
     NearestNeighbourRenderer,
     token_layout,
     watch_images,
 )
+from unified_vlm.pretraining.feature_decoder import FeatureDecoderModule
 from unified_vlm.models.output_spaces import (
     FeatureOutputSpace,
     build_feature_output_space,

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from unified_vlm.scoring import (
+from unified_vlm.evaluation.vqa import (
     ATTRIBUTES,
     VQAScorer,
     classify_ground_truth,

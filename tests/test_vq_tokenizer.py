@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unified_vlm.models.quantizers import FSQQuantizer, fsq_levels_for
-from unified_vlm.models.vq_module import (
+from unified_vlm.pretraining.vq import (
     VQTokenizerModule,
     detail_weights,
     WatchImageDataModule,

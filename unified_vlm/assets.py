@@ -1,20 +1,47 @@
-"""Where built-in weights live: shipped inside the package, else a per-user cache.
+"""Where built-in weights are found, and the one place that trains a missing one.
 
 The tiny default needs a text tokenizer, a pretrained watch encoder and a VQ tokenizer. Small
-versions ship in ``unified_vlm/assets/``; when one is absent (a trimmed install, another image
-size) it is trained once by the project's own code and cached under ``$UNIFIED_VLM_CACHE``
-(default ``~/.cache/unified_vlm``), so nothing is ever downloaded.
+versions ship in ``unified_vlm/assets/``; when one is absent (a trimmed install) it is trained
+once by the project's own jobs (``unified_vlm.pretraining``) and cached under
+``$UNIFIED_VLM_CACHE`` (default ``~/.cache/unified_vlm``), so nothing is ever downloaded.
+
+This module only *finds* built-in weights (:func:`require_builtin`); it imports nothing else of
+the package, so every part can use it. Training a missing one happens before a model is built,
+never inside its constructor: every command that builds a model from a config (fit / validate /
+test / predict) calls ``unified_vlm.pretraining.build_assets.prepare_builtin_assets`` first, and
+a notebook user calls ``ensure_builtin`` from there (the error of :func:`require_builtin` says so).
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Optional
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 BUILTIN = "builtin"
+
+
+@dataclass(frozen=True)
+class BuiltinAsset:
+    """One kind of built-in weights: its shipped folder, its cache folder, the file that says it is complete."""
+
+    shipped_name: str
+    cache_name: str
+    marker: str
+    minutes: float  # the default training budget when it has to be trained
+
+
+# Keyed by the ``build-assets --parts`` names.
+BUILTIN_ASSETS: dict[str, BuiltinAsset] = {
+    "tokenizer": BuiltinAsset("watch_tokenizer", "watch_tokenizer", "tokenizer.json", 0.1),
+    "encoder": BuiltinAsset("watch_encoder", "siglip_watch_64", "config.json", 6.0),
+    "vq": BuiltinAsset("watch_vq", "vq_watch_64", "config.json", 8.0),
+}
+
+
+class BuiltinAssetMissing(FileNotFoundError):
+    """A ``builtin`` weight is neither shipped nor cached."""
 
 
 def cache_root() -> Path:
@@ -31,25 +58,31 @@ def cached(name: str) -> Path:
     return cache_root() / name
 
 
-def publish_dir(write: Callable[[str], object], directory: str, prefix: str, replace_existing: bool = True) -> None:
-    """``write(tmp)`` into a temp dir beside ``directory``, then rename it into place, so a reader
-    never sees half a directory. An existing ``directory`` is moved aside and deleted only after
-    the new one is complete, and only with ``replace_existing`` (else the rename fails with
-    OSError and the existing one stays). Files get the permissions a plain mkdir would give."""
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{prefix}_tmp_", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        for path, mode in [(tmp, 0o777)] + [(os.path.join(tmp, n), 0o666) for n in os.listdir(tmp)]:
-            os.chmod(path, mode & ~umask)  # mkdtemp makes it private
-        if os.path.exists(directory) and replace_existing:
-            old = tempfile.mkdtemp(prefix=f".{prefix}_old_", dir=parent)
-            os.replace(directory, os.path.join(old, "previous"))
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _asset(kind: str) -> BuiltinAsset:
+    if kind not in BUILTIN_ASSETS:
+        raise ValueError(f"unknown built-in asset {kind!r}; known: {sorted(BUILTIN_ASSETS)}")
+    return BUILTIN_ASSETS[kind]
+
+
+def find_builtin(kind: str) -> Optional[Path]:
+    """The shipped directory of ``kind``, else its complete cache directory, else None."""
+    asset = _asset(kind)
+    found = shipped(asset.shipped_name)
+    if found is not None:
+        return found
+    target = cached(asset.cache_name)
+    return target if (target / asset.marker).is_file() else None
+
+
+def require_builtin(kind: str) -> Path:
+    """:func:`find_builtin`, or an error that says how to make the missing weights."""
+    found = find_builtin(kind)
+    if found is None:
+        asset = _asset(kind)
+        raise BuiltinAssetMissing(
+            f"built-in {kind} weights are missing: neither {ASSETS_DIR / asset.shipped_name} nor "
+            f"{cached(asset.cache_name)} exists. The commands fit/validate/test/predict train and cache them "
+            f"by themselves; elsewhere call unified_vlm.pretraining.build_assets.ensure_builtin({kind!r}) (about "
+            f"{asset.minutes:g} CPU minutes) or run `python -m unified_vlm build-assets --parts {kind}`"
+        )
+    return found

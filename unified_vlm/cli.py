@@ -13,11 +13,11 @@ from typing import Callable, Optional
 TOOLS: dict[str, tuple[str, str]] = {
     "data": ("unified_vlm.datamodules.materialize:main", "materialise Smart Watch UI splits to PNG + JSONL"),
     "list": ("unified_vlm.cli:list_main", "list registered encoders, quantizers, projectors, heads, backbones"),
-    "pretrain-encoder": ("unified_vlm.models.encoder_pretrain:main", "supervised attribute pretraining of the watch encoder"),
-    "pretrain-contrastive": ("unified_vlm.models.contrastive_pretrain:main", "SigLIP sigmoid-contrastive (image, caption) pretraining of the watch encoder"),
-    "train-vq": ("unified_vlm.models.vq_module:main", "train the VQ image tokenizer on watch images"),
-    "train-feature-decoder": ("unified_vlm.models.feature_decoder:main", "train a pixel decoder for continuous (SigLIP) output features"),
-    "build-assets": ("unified_vlm.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
+    "pretrain-encoder": ("unified_vlm.pretraining.encoder:main", "supervised attribute pretraining of the watch encoder"),
+    "pretrain-contrastive": ("unified_vlm.pretraining.contrastive:main", "SigLIP sigmoid-contrastive (image, caption) pretraining of the watch encoder"),
+    "train-vq": ("unified_vlm.pretraining.vq:main", "train the VQ image tokenizer on watch images"),
+    "train-feature-decoder": ("unified_vlm.pretraining.feature_decoder:main", "train a pixel decoder for continuous (SigLIP) output features"),
+    "build-assets": ("unified_vlm.pretraining.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
 }
 LIGHTNING = {
     "fit": "train a model (then score it on the test split)",

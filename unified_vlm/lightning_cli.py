@@ -22,6 +22,15 @@ class UnifiedCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_argument("--test_after_fit", type=bool, default=True, help="score the trained model on the test split after fit")
 
+    def before_instantiate_classes(self) -> None:
+        """Train (once) and cache any missing built-in weights the model config names, before the
+        model is built (its constructor only looks them up)."""
+        from unified_vlm.pretraining.build_assets import prepare_builtin_assets
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config.get("model")
+        prepare_builtin_assets(model.as_dict() if hasattr(model, "as_dict") else dict(model or {}))
+
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit", True) and not self.trainer.fast_dev_run:
             self.trainer.test(self.model, datamodule=self.datamodule)

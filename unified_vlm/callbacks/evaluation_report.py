@@ -1,16 +1,17 @@
 """Writes the test-time report: VQA scores (JSON + printed table) and a grid of generated watches."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
+
+from unified_vlm.evaluation.vqa import score_answers
+from unified_vlm.files import write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +29,6 @@ def gather_objects(trainer: L.Trainer, items: list) -> list:
     gathered: list[list] = [None] * trainer.world_size  # type: ignore[list-item]
     torch.distributed.all_gather_object(gathered, items)
     return [x for part in gathered for x in part]
-
-
-def score_vqa(answers: list[dict]):
-    """A ``VQAScorer`` holding every answer from ``UnifiedVLM.answer_vqa``."""
-    from unified_vlm.scoring import VQAScorer
-
-    scorer = VQAScorer()
-    for a in answers:
-        scorer.add(a["record_id"], a["turn"], a["question"], a["ground_truth"], a["answer"])
-    return scorer
-
-
-def write_json_atomically(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 def image_grid(pairs: list[tuple[torch.Tensor, Optional[torch.Tensor]]], cell: int = 128, columns: int = 8) -> torch.Tensor:
@@ -86,7 +70,7 @@ class EvaluationReport(L.Callback):
                 self.generated.append(item)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        scorer = score_vqa(gather_objects(trainer, self.vqa))
+        scorer = score_answers(gather_objects(trainer, self.vqa))
         self.summary = scorer.summary()
         for scope, values in self.summary.items():
             for key, value in values.items():

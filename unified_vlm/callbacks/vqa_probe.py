@@ -11,7 +11,8 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import torch
 
-from unified_vlm.callbacks.evaluation_report import gather_objects, score_vqa
+from unified_vlm.callbacks.evaluation_report import gather_objects
+from unified_vlm.evaluation.vqa import score_answers
 
 
 class VQAProbe(L.Callback):
@@ -41,7 +42,7 @@ class VQAProbe(L.Callback):
             answers = pl_module.answer_vqa(records) if records else []
         pl_module.train(was_training)
         answers = gather_objects(trainer, answers)
-        summary = score_vqa(answers).summary()["all_turns"]
+        summary = score_answers(answers).summary()["all_turns"]
         self.last = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and k != "count"}
         for key, value in self.last.items():
             pl_module.log(f"val/vqa/{key}", value, sync_dist=False, rank_zero_only=True)

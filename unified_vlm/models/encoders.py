@@ -102,6 +102,10 @@ class HFVisionEncoder(VisionEncoder):
     name: str
     feature_layer: int
     feature_select: str
+    HF_MODEL: str  # the transformers model class, e.g. "SiglipVisionModel"
+    HF_CONFIG: str  # and its config class
+    MODEL_TYPES: tuple[str, ...]  # config.json model_type values a weights dir may hold
+    DISPLAY_NAME: str
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__(model.config.image_size, mean=mean, std=std)
@@ -119,6 +123,23 @@ class HFVisionEncoder(VisionEncoder):
         if select not in selects:
             raise ValueError(f"feature_select must be one of {tuple(selects)}, got {select!r}")
         return int(layer), select
+
+    @classmethod
+    def load_model(cls, weights: Optional[str], attn_implementation: str, *, image_size: int, patch_size: int,
+                   hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int) -> nn.Module:
+        """The transformers tower: from ``weights`` (a local dir, checked to hold this kind of
+        model), or random from the tiny architecture arguments when ``weights`` is None."""
+        import transformers
+
+        model_class = getattr(transformers, cls.HF_MODEL)
+        if weights is not None:
+            _check_weights_dir(weights, cls.MODEL_TYPES, cls.DISPLAY_NAME)
+            return model_class.from_pretrained(weights, attn_implementation=attn_implementation)
+        config = getattr(transformers, cls.HF_CONFIG)(
+            image_size=image_size, patch_size=patch_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+            num_attention_heads=num_heads, intermediate_size=intermediate_size, attn_implementation=attn_implementation,
+        )
+        return model_class(config)
 
     def options(self) -> dict:
         return {"encoder": self.name, "feature_layer": self.feature_layer, "feature_select": self.feature_select}
@@ -154,6 +175,8 @@ class SiglipEncoder(HFVisionEncoder):
 
     name = "siglip"
     SELECTS = ("patch", "cls_patch", "pooled", "pooled+patch")
+    HF_MODEL, HF_CONFIG = "SiglipVisionModel", "SiglipVisionConfig"
+    MODEL_TYPES, DISPLAY_NAME = ("siglip_vision_model", "siglip"), "SigLIP"
 
     def __init__(
         self,
@@ -169,18 +192,10 @@ class SiglipEncoder(HFVisionEncoder):
         attn_implementation: str = "eager",
         patch_pool: Optional[int] = None,
     ) -> None:
-        from transformers import SiglipVisionConfig, SiglipVisionModel
-
         feature_layer, feature_select = self.resolve_options(weights, feature_layer, feature_select, (-1, "patch"), self.SELECTS)
-        if weights is None:
-            model = SiglipVisionModel(SiglipVisionConfig(
-                image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-                num_hidden_layers=num_layers, num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                attn_implementation=attn_implementation,
-            ))
-        else:
-            _check_weights_dir(weights, ("siglip_vision_model", "siglip"), "SigLIP")
-            model = SiglipVisionModel.from_pretrained(weights, attn_implementation=attn_implementation)
+        model = self.load_model(weights, attn_implementation, image_size=image_size, patch_size=patch_size,
+                                hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                intermediate_size=intermediate_size)
         super().__init__(model, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         self.feature_layer = feature_layer
         self.feature_select = "patch" if feature_select == "cls_patch" else feature_select
@@ -235,6 +250,8 @@ class ClipEncoder(HFVisionEncoder):
 
     name = "clip"
     SELECTS = ("patch", "cls_patch")
+    HF_MODEL, HF_CONFIG = "CLIPVisionModel", "CLIPVisionConfig"
+    MODEL_TYPES, DISPLAY_NAME = ("clip_vision_model", "clip"), "CLIP"
 
     def __init__(
         self,
@@ -249,18 +266,10 @@ class ClipEncoder(HFVisionEncoder):
         feature_select: Optional[str] = None,
         attn_implementation: str = "eager",
     ) -> None:
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
         feature_layer, feature_select = self.resolve_options(weights, feature_layer, feature_select, (-2, "patch"), self.SELECTS)
-        if weights is None:
-            model = CLIPVisionModel(CLIPVisionConfig(
-                image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-                num_hidden_layers=num_layers, num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                attn_implementation=attn_implementation,
-            ))
-        else:
-            _check_weights_dir(weights, ("clip_vision_model", "clip"), "CLIP")
-            model = CLIPVisionModel.from_pretrained(weights, attn_implementation=attn_implementation)
+        model = self.load_model(weights, attn_implementation, image_size=image_size, patch_size=patch_size,
+                                hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                intermediate_size=intermediate_size)
         super().__init__(model, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD)
         self.feature_layer, self.feature_select = feature_layer, feature_select
         self.num_tokens = self.num_patches + int(feature_select == "cls_patch")
@@ -340,11 +349,12 @@ class VQCodeEncoder(VisionEncoder):
     """
 
     def __init__(self, weights: Optional[str] = "builtin") -> None:
-        from unified_vlm.builders import build_vq_tokenizer
+        from unified_vlm.assets import BUILTIN, require_builtin
+        from unified_vlm.models.vq_loading import load_vq_tokenizer
 
         if weights is None:
             raise ValueError("encoder 'vq_codes' needs weights: a VQ tokenizer dir, a LlamaGen checkpoint file or builtin")
-        tokenizer = build_vq_tokenizer(weights)
+        tokenizer = load_vq_tokenizer(require_builtin("vq") if weights == BUILTIN else weights)
         size = int(getattr(tokenizer.config, "image_size", 0) or 0)
         super().__init__(size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         self.tokenizer = tokenizer

@@ -200,7 +200,7 @@ class UnifiedVLM(L.LightningModule):
         if text_loss_average not in ("token", "turn"):
             raise ValueError(f"text_loss_average must be 'token' or 'turn', got {text_loss_average!r}")
         self.text_loss_average = text_loss_average
-        from unified_vlm.builders import build_encoder, build_output_space, build_text_tokenizer
+        from unified_vlm.models.builders import build_encoder, build_output_space, build_text_tokenizer
         from unified_vlm.datamodules.collate import ConversationCollator
         from unified_vlm.text_tokenizer import special_token_ids
 

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -40,6 +37,13 @@ from torch.utils.data import DataLoader, Dataset
 from unified_vlm.datamodules.watch import (
     CORNERS, WEATHERS, battery_outline_box, face_geometry, hand_angles, hand_tips, hand_width, render_watch,
     sample_watch, weather_icon_box,
+)
+from unified_vlm.pretraining.common import (
+    ThreadTuner,
+    cosine_with_warmup,
+    fastest_thread_count,
+    save_dir_atomically,
+    steps_for_minutes,
 )
 from unified_vlm.registry import ENCODERS
 
@@ -171,13 +175,6 @@ def attribute_metrics(out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[
     return metrics
 
 
-def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, floor: float = 0.05) -> float:
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class AttributePretrainModule(L.LightningModule):
     """A SigLIP encoder plus linear attribute heads on its tokens (see the module docstring)."""
 
@@ -262,65 +259,6 @@ class AttributePretrainModule(L.LightningModule):
 
 
 # ------------------------------------------------------------------------------- training
-def seconds_per_step(module: AttributePretrainModule, data: WatchAttributeDataModule, steps: int = 3,
-                     budget_s: float = 6.0) -> float:
-    """Median wall time of one training step (render + bf16 forward/backward) on this machine, now."""
-    loader = iter(data.train_dataloader())
-    times: list[float] = []
-    while len(times) <= steps and sum(times) < budget_s:
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss, _ = module.losses(next(loader))
-        loss.backward()
-        times.append(time.perf_counter() - start)
-    module.zero_grad(set_to_none=True)
-    return float(np.median(times[1:] or times))
-
-
-def fastest_thread_count(module: AttributePretrainModule, data: WatchAttributeDataModule) -> tuple[int, float]:
-    """Time steps with torch's thread count and with one thread, set and return the faster (and its s/step).
-
-    On the shared 2-core development machine, 2 threads beside another busy process ran a step
-    20x slower than 1 thread (OpenMP threads spin-waiting for a core), while alone 2 threads
-    are about 1.7x faster: so measure instead of guessing.
-    """
-    timings = {}
-    for n in sorted({torch.get_num_threads(), 1}, reverse=True):
-        torch.set_num_threads(n)
-        timings[n] = seconds_per_step(module, data)
-    best = min(timings, key=timings.get)
-    torch.set_num_threads(best)
-    log.info("seconds per step by thread count: %s", timings)
-    return best, timings[best]
-
-
-class ThreadTuner(L.Callback):
-    """Every ``every`` steps, time one step with the other thread count (all or 1) and switch when it
-    is clearly faster: on a shared machine the best count changes as other jobs start and stop."""
-
-    def __init__(self, every: int = 100, threads: int = 2) -> None:
-        self.every, self.options = every, sorted({threads, 1})
-        self.recent: list[float] = []
-        self.current = torch.get_num_threads()
-        self.trial = False
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.trial = len(self.options) > 1 and trainer.global_step % self.every == self.every - 1
-        if self.trial:
-            torch.set_num_threads(next(n for n in self.options if n != self.current))
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        elapsed = time.perf_counter() - self.start
-        if not self.trial:
-            self.recent = (self.recent + [elapsed])[-20:]
-            return
-        if elapsed < 0.8 * float(np.median(self.recent or [elapsed])):
-            self.current, self.recent = torch.get_num_threads(), []
-            log.info("switching to %d thread(s): %.3f s/step", self.current, elapsed)
-        torch.set_num_threads(self.current)
-
-
 def pretrain(out_dir: str, minutes: float = 6.0, batch_size: int = 64, render_size: Optional[int] = None,
              val_size: int = 512, seed: int = 0, progress: bool = True, log_dir: Optional[str] = None,
              **module_kwargs) -> dict[str, float]:
@@ -334,8 +272,8 @@ def pretrain(out_dir: str, minutes: float = 6.0, batch_size: int = 64, render_si
         probe = AttributePretrainModule(**module_kwargs)
         h = probe.hparams
         data = WatchAttributeDataModule(h.image_size, h.patch_size, render_size, batch_size, val_size=val_size, seed=seed)
-        threads, step_s = fastest_thread_count(probe, data)
-        max_steps = max(10, int(minutes * 60 * 0.85 / (step_s * 1.1)))  # 1.1: Lightning + optimizer; 0.85: validation
+        threads, step_s = fastest_thread_count(lambda batch: probe.losses(batch)[0], data.train_dataloader())
+        max_steps = steps_for_minutes(minutes, step_s)
         L.seed_everything(seed, workers=True)
         module = AttributePretrainModule(**{**module_kwargs, "max_steps": max_steps,
                                             "warmup_steps": min(h.warmup_steps, max_steps // 5)})
@@ -373,42 +311,27 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def default_cache_dir(image_size: int, **encoder_kwargs) -> Path:
-    """``$UNIFIED_VLM_CACHE`` (or ~/.cache/unified_vlm) / siglip_watch_<image_size>[_<options>]."""
-    from unified_vlm.assets import cache_root
-
-    suffix = "".join(f"_{k}{v}" for k, v in sorted(encoder_kwargs.items()))
-    return cache_root() / f"siglip_watch_{image_size}{suffix}"
-
-
 def load_or_pretrain_encoder(weights: Optional[str], cache_dir: Optional[str] = None, max_minutes: float = 6.0,
                              **encoder_kwargs) -> str:
     """A local weights dir for the watch SigLIP: ``weights`` if given (validated by loading it), else
-    the cache dir, pretraining there first when absent (written atomically: temp dir + os.replace).
-
-    ``encoder_kwargs`` are ``pretrain`` options (architecture, batch_size, lr, ...); options other
-    than image_size name the default cache dir, so different encoders never share one."""
+    ``cache_dir``, pretraining there first when absent (published atomically; if another process
+    finished first, its encoder is kept). ``encoder_kwargs`` are ``pretrain`` options."""
     from unified_vlm.models.encoders import SiglipEncoder
 
     if weights is not None:
         SiglipEncoder(weights=weights)  # raises FileNotFoundError / ValueError naming the problem
         return str(weights)
-    image_size = encoder_kwargs.pop("image_size", 64)
-    target = Path(cache_dir) if cache_dir else default_cache_dir(image_size, **encoder_kwargs)
+    if cache_dir is None:
+        raise ValueError("give encoder weights, or a cache_dir to pretrain one into")
+    target = Path(cache_dir)
     if not (target / "config.json").is_file():
         log.warning("no pretrained watch encoder at %s: pretraining one now (about %.0f minutes)", target, max_minutes)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=target.parent, prefix=".tmp-")
-        try:
-            metrics = pretrain(tmp, minutes=max_minutes, image_size=image_size, progress=False, **encoder_kwargs)
+
+        def write(tmp: str) -> None:
+            metrics = pretrain(tmp, minutes=max_minutes, progress=False, **encoder_kwargs)
             log.warning("watch encoder pretrained:\n%s", format_table(metrics))
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process finished first: keep its encoder
-                if not (target / "config.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        save_dir_atomically(write, target, "siglip_encoder", overwrite=False)
     return str(target)
 
 

@@ -1,6 +1,6 @@
 """SigLIP-style sigmoid-contrastive pretraining of the watch encoder on (watch image, caption) pairs.
 
-A download-free alternative to the supervised attribute pretraining of ``encoder_pretrain.py``:
+A download-free alternative to the supervised attribute pretraining of ``pretraining/encoder.py``:
 the vision tower is the same ``SiglipEncoder`` (same options and defaults, ``feature_select=
 "pooled+patch"``), so the saved directory is a drop-in ``encoder.weights`` for any config.
 
@@ -38,9 +38,6 @@ import functools
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,11 +58,15 @@ from unified_vlm.datamodules.templates import (
     postprocess,
 )
 from unified_vlm.datamodules.watch import WEATHERS
-from unified_vlm.models.encoder_pretrain import (
+from unified_vlm.pretraining.common import (
     ThreadTuner,
+    check_out_dir,
     cosine_with_warmup,
     fastest_thread_count,
+    save_dir_atomically,
     seconds_per_step,
+    steps_for_minutes,
+    torch_threads,
 )
 from unified_vlm.registry import ENCODERS
 
@@ -80,7 +81,7 @@ TEXT_TOWER_FILE = "contrastive.json"
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str = "builtin"):
     """The watch BPE (``builtin``) or a saved tokenizer dir; cached, it is only read."""
-    from unified_vlm.builders import build_text_tokenizer
+    from unified_vlm.models.builders import build_text_tokenizer
 
     return build_text_tokenizer(path)
 
@@ -362,34 +363,6 @@ def save_contrastive(module: SigmoidContrastiveModule, directory: str | Path, re
     module.save_text_tower(Path(directory) / TEXT_TOWER_DIR)
 
 
-def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """``out_dir`` as a Path; raises when it is a file, or a non-empty directory and not ``overwrite``."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty; pass --overwrite (overwrite=True) "
-                              "to replace it, or choose another --out")
-    return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and deleted after."""
-    trash = None
-    if dst.exists():
-        trash = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.old-"))
-        os.replace(dst, trash / dst.name)
-    try:
-        os.replace(src, dst)
-    except OSError:
-        if trash is not None:  # put the old directory back
-            os.replace(trash / dst.name, dst)
-        raise
-    finally:
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-
-
 def pretrain_contrastive(
     out_dir: str,
     minutes: float | None = 6.0,
@@ -420,10 +393,12 @@ def pretrain_contrastive(
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}")
     out = check_out_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    threads_before = torch.get_num_threads()
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    metrics: dict[str, float] = {}
+
+    def write(tmp_dir: str) -> None:
+        nonlocal threads, max_steps
+        tmp = Path(tmp_dir)
+        threads_before = torch.get_num_threads()
         data_kwargs = {"image_size": image_size, "batch_size": batch_size, "val_size": val_size, "seed": seed,
                        "text_source": module_kwargs.get("text_source", "caption"),
                        "max_text_len": module_kwargs.get("max_text_len", 64)}
@@ -434,12 +409,13 @@ def pretrain_contrastive(
         probe_data = WatchCaptionDataModule(tokenizer, **data_kwargs)
         tune = threads is None
         if tune:
-            threads, step_s = fastest_thread_count(probe, probe_data)
+            threads, step_s = fastest_thread_count(lambda batch: probe.losses(batch)[0], probe_data.train_dataloader())
         else:
             torch.set_num_threads(threads)
-            step_s = seconds_per_step(probe, probe_data) if max_steps is None else float("nan")
+            step_s = (seconds_per_step(lambda batch: probe.losses(batch)[0], probe_data.train_dataloader())
+                      if max_steps is None else float("nan"))
         if max_steps is None:
-            max_steps = max(10, int(minutes * 60 * 0.85 / (step_s * 1.1)))  # 1.1: Lightning + optimizer; 0.85: validation
+            max_steps = steps_for_minutes(minutes, step_s)
         del probe, probe_data
         L.seed_everything(seed, workers=True)
         module = SigmoidContrastiveModule(image_size=image_size, max_steps=max_steps,
@@ -458,18 +434,14 @@ def pretrain_contrastive(
         )
         start = time.perf_counter()
         trainer.fit(module, datamodule=data)
-        metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()}
+        metrics.update({k: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()})
         metrics.update(train_minutes=(time.perf_counter() - start) / 60, steps=trainer.global_step, threads=threads)
         hparams = {**module.hparams, "batch_size": batch_size, "seed": seed,
                    "precision": precision}
         save_contrastive(module, tmp, render_size=image_size, pretrain={"hparams": hparams, "val": metrics})
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should look like any mkdir
-        _replace_dir(tmp, out)
-    finally:
-        torch.set_num_threads(threads_before)
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    with torch_threads(None):  # restores the thread count the tuner changes
+        save_dir_atomically(write, out, "contrastive", overwrite)
     return metrics
 
 

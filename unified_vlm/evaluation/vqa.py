@@ -188,3 +188,12 @@ class VQAScorer:
             f" {fmt(s['first_turn']['total']):>11} {s['first_turn']['count']:>6}"
         )
         return "\n".join(lines)
+
+
+def score_answers(answers: list[dict]) -> VQAScorer:
+    """A :class:`VQAScorer` holding every answer of ``UnifiedVLM.answer_vqa`` (dicts with
+    ``record_id``, ``turn``, ``question``, ``ground_truth``, ``answer``)."""
+    scorer = VQAScorer()
+    for a in answers:
+        scorer.add(a["record_id"], a["turn"], a["question"], a["ground_truth"], a["answer"])
+    return scorer

@@ -1,41 +1,47 @@
-"""Training the VQ image tokenizer on watch images, and getting one when a model needs it.
+"""``python -m unified_vlm train-vq``: train the VQ image tokenizer on watch images.
 
 The paper uses a frozen, pretrained LlamaGen VQ-16. There is no such checkpoint offline, so
-``load_or_train_vq_tokenizer`` trains a small one on the synthetic watches (a few CPU minutes)
-the first time it is asked for, caches it, and loads the cache afterwards.
+this job trains a small one on the synthetic watches (a few CPU minutes);
+``load_or_train_vq_tokenizer`` trains one into a cache directory the first time it is asked
+for and loads the cache afterwards.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from dataclasses import fields
-from datetime import timedelta
 from typing import Any, Sequence
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from unified_vlm.assets import publish_dir
 from unified_vlm.datamodules.watch import render_watch, sample_watch
 from unified_vlm.models.vq_tokenizer import CONFIG_NAME, WEIGHTS_NAME, VQTokenizer, VQTokenizerConfig
+from unified_vlm.pretraining.common import (
+    BudgetCosine,
+    adamw_without_norm_decay,
+    budget_trainer,
+    check_out_dir,
+    save_dir_atomically,
+    torch_threads,
+)
 
 __all__ = [
     "VQTokenizerModule",
     "WatchImageDataset",
     "WatchImageDataModule",
-    "default_vq_cache_dir",
     "train_vq_tokenizer",
     "load_or_train_vq_tokenizer",
     "main",
 ]
+
+OWNED_FILES = {CONFIG_NAME, WEIGHTS_NAME}  # all a saved tokenizer directory holds
 
 
 def edge_loss(recon: Tensor, target: Tensor) -> Tensor:
@@ -150,40 +156,9 @@ class VQTokenizerModule(L.LightningModule):
         self.code_counts.zero_()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for param in self.tokenizer.parameters():
-            (no_decay if param.ndim < 2 else decay).append(param)  # no weight decay on norms and biases
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.hparams.lr,
-            betas=(0.9, 0.99),
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor_fn())
+        optimizer = adamw_without_norm_decay(self.tokenizer.parameters(), self.hparams.lr, self.hparams.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, BudgetCosine(self, self.hparams.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _lr_factor_fn(self):
-        """Linear warmup, then cosine to zero over the training budget.
-
-        The budget is the step count when the Trainer has one, otherwise its ``max_time``: the
-        tokenizer is usually trained for N minutes, and the LR should reach zero when time runs out.
-        """
-        warmup = max(1, self.hparams.warmup_steps)
-        total = self.trainer.estimated_stepping_batches
-        timer = next((cb for cb in self.trainer.callbacks if isinstance(cb, Timer)), None)
-
-        def progress(step: int) -> float:
-            if math.isfinite(total):
-                return (step - warmup) / max(1, total - warmup)
-            if timer is not None and timer._duration:
-                return timer.time_elapsed("train") / timer._duration
-            return 0.0  # no budget known: constant LR after warmup
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress(step)))))
-
-        return factor
 
 
 class WatchImageDataset(Dataset):
@@ -239,28 +214,6 @@ class WatchImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
 
-def default_vq_cache_dir(image_size: int = 64) -> str:
-    """``$UNIFIED_VLM_CACHE/vq_watch_<size>``, or ``~/.cache/unified_vlm/vq_watch_<size>``."""
-    root = os.environ.get("UNIFIED_VLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "unified_vlm")
-    return os.path.join(root, f"vq_watch_{image_size}")
-
-
-def _save_atomically(tokenizer: VQTokenizer, directory: str, overwrite: bool) -> None:
-    """Write to a temp dir beside ``directory`` and rename it into place, so a reader never sees half a tokenizer.
-
-    Without ``overwrite`` an existing ``directory`` (e.g. cached meanwhile by another process) wins.
-    """
-    if os.path.exists(directory) and overwrite:
-        stray = set(os.listdir(directory)) - {CONFIG_NAME, WEIGHTS_NAME}
-        if stray:  # never delete a directory that is not a tokenizer
-            raise FileExistsError(f"{directory} exists and holds other files ({sorted(stray)[:5]}); pick another --out")
-    try:
-        publish_dir(tokenizer.save_pretrained, directory, "vq_tokenizer", replace_existing=overwrite)
-    except OSError:
-        if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-            raise
-
-
 def train_vq_tokenizer(
     out_dir: str | None,
     max_minutes: float = 8.0,
@@ -282,43 +235,21 @@ def train_vq_tokenizer(
     CPU threads for the run: on a CPU shared with another busy process, 2 OpenMP threads ran
     a step 10x slower than 1 thread, and a time-budgeted run then gets 10x fewer steps.
     """
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _train(out_dir, max_minutes, image_size, batch_size, num_train, num_val, seed, precision,
-                      max_steps, progress_bar, overwrite, module_kwargs)
-    finally:
-        torch.set_num_threads(previous_threads)
-
-
-def _train(out_dir, max_minutes, image_size, batch_size, num_train, num_val, seed, precision,
-           max_steps, progress_bar, overwrite, module_kwargs) -> tuple[VQTokenizer, dict[str, float]]:
-    module_kwargs.setdefault("warmup_steps", 50)  # a time-budgeted run has only ~400-1000 steps
-    L.seed_everything(seed, workers=True)
-    module = VQTokenizerModule(image_size=image_size, **module_kwargs)
-    data = WatchImageDataModule(image_size, num_train, num_val, seed, batch_size)
-    trainer = L.Trainer(
-        accelerator="auto",
-        devices=1,
-        precision=precision,
-        max_time=timedelta(minutes=max_minutes),
-        max_steps=max_steps,
-        val_check_interval=0.25,
-        gradient_clip_val=1.0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=progress_bar,
-    )
-    trainer.fit(module, datamodule=data)
-    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()}
-    metrics["steps"] = float(trainer.global_step)
-    tokenizer = module.tokenizer.cpu().eval()
-    if out_dir is not None and trainer.is_global_zero:
-        _save_atomically(tokenizer, out_dir, overwrite=overwrite)
-    return tokenizer, metrics
+    with torch_threads(threads):
+        if out_dir is not None:
+            check_out_dir(out_dir, overwrite, OWNED_FILES)
+        module_kwargs.setdefault("warmup_steps", 50)  # a time-budgeted run has only ~400-1000 steps
+        L.seed_everything(seed, workers=True)
+        module = VQTokenizerModule(image_size=image_size, **module_kwargs)
+        data = WatchImageDataModule(image_size, num_train, num_val, seed, batch_size)
+        trainer = budget_trainer(max_minutes, max_steps, precision, progress_bar=progress_bar)
+        trainer.fit(module, datamodule=data)
+        metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=data, verbose=False)[0].items()}
+        metrics["steps"] = float(trainer.global_step)
+        tokenizer = module.tokenizer.cpu().eval()
+        if out_dir is not None and trainer.is_global_zero:
+            save_dir_atomically(tokenizer.save_pretrained, out_dir, "vq_tokenizer", overwrite, OWNED_FILES)
+        return tokenizer, metrics
 
 
 def load_or_train_vq_tokenizer(
@@ -335,7 +266,8 @@ def load_or_train_vq_tokenizer(
     """
     if path is not None:
         return VQTokenizer.from_pretrained(path)
-    cache_dir = cache_dir or default_vq_cache_dir(image_size)
+    if cache_dir is None:
+        raise ValueError("give a tokenizer path, or a cache_dir to train one into")
     if os.path.isfile(os.path.join(cache_dir, CONFIG_NAME)):
         tokenizer = VQTokenizer.from_pretrained(cache_dir)
         requested = {"image_size": image_size, **kwargs}
