@@ -36,6 +36,8 @@ from unified_vlm.tokens import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
+CAPTION_TOKENS = 96  # test captions are 35 tokens of the watch BPE on average, 56 at most
+
 TEXT, IMAGE, DONE = 0, 1, 2
 
 
@@ -588,6 +590,22 @@ class UnifiedVLM(L.LightningModule):
                 )
         return results
 
+    def write_captions(self, records: list[dict]) -> list[dict]:
+        """Caption every caption record's image from its first human turn (greedy, no image output)."""
+        from unified_vlm.datamodules.collate import decode_answer
+
+        results = []
+        for start in range(0, len(records), 64):
+            chunk = records[start:start + 64]
+            prompts = [self.collator.encode_prompt(rec["conversations"], 0) for rec in chunk]
+            outs = self.generate(prompts, [rec["image"] for rec in chunk], image_policy="never", max_new_tokens=CAPTION_TOKENS)
+            for rec, out in zip(chunk, outs):
+                results.append({"record_id": rec["id"], "prompt": rec["conversations"][0]["value"],
+                                "reference": rec["conversations"][1]["value"],
+                                "caption": decode_answer(self.tokenizer, out.text_ids),
+                                "attributes": rec.get("attributes")})
+        return results
+
     def generate_images(self, records: list[dict], **sampling: Any) -> list[Optional[torch.Tensor]]:
         """Generate one image per generation record from its first human turn; (3,H,W) in [0,1]."""
         prompts = [self.collator.encode_prompt(rec["conversations"], 0) for rec in records]
@@ -606,7 +624,9 @@ class UnifiedVLM(L.LightningModule):
     def test_step(self, batch: list[dict], batch_idx: int) -> dict:
         vqa = [r for r in batch if r["task"] == "vqa"]
         gen = [r for r in batch if r["task"] == "generation"]
-        out = {"vqa": self.answer_vqa(vqa) if vqa else [], "generation": []}
+        captions = [r for r in batch if r["task"] == "caption"]
+        out = {"vqa": self.answer_vqa(vqa) if vqa else [], "generation": [],
+               "caption": self.write_captions(captions) if captions else []}
         if gen:
             for rec, img in zip(gen, self.generate_images(gen)):
                 target = rec.get("image")
@@ -616,6 +636,7 @@ class UnifiedVLM(L.LightningModule):
                         "prompt": rec["conversations"][0]["value"],
                         "image": img,
                         "target": target.cpu() if target is not None else None,
+                        "attributes": rec.get("attributes"),
                     }
                 )
         return out
