@@ -17,7 +17,8 @@ def safe_name(record_id: str) -> str:
 
 class PredictionWriter(BasePredictionWriter):
     """One PNG per generated image (``images/<record id>.png``), ``images.jsonl`` with each image's
-    prompt and the full sampling configuration, and ``answers.jsonl`` with every VQA answer."""
+    prompt and the full sampling configuration, ``answers.jsonl`` with every VQA answer and
+    ``captions.jsonl`` with every caption written for a caption record."""
 
     def __init__(self, output_dir: Optional[str] = None) -> None:
         super().__init__(write_interval="batch")
@@ -30,7 +31,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         directory = self._directory(trainer)
-        for name in ("images.jsonl", "answers.jsonl"):  # a new predict run starts fresh files
+        for name in ("images.jsonl", "answers.jsonl", "captions.jsonl"):  # a new predict run starts fresh files
             (directory / name).write_text("")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
@@ -41,6 +42,9 @@ class PredictionWriter(BasePredictionWriter):
         with open(directory / "answers.jsonl", "a") as answers:
             for item in prediction.get("vqa", []):
                 answers.write(json.dumps(item) + "\n")
+        with open(directory / "captions.jsonl", "a") as captions:
+            for item in prediction.get("caption", []):
+                captions.write(json.dumps(item) + "\n")
         with open(directory / "images.jsonl", "a") as images:
             for item in prediction.get("generation", []):
                 entry = {"record_id": item["record_id"], "prompt": item["prompt"], "sampling": sampling, "file": None}
