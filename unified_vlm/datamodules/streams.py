@@ -75,7 +75,7 @@ class WatchStream(torch.utils.data.Dataset):
         extra = self.variant.extra_for(split)
         self.extra_tasks = tuple(t for t in self.tasks if extra is not None and t in extra.tasks)
         if extra is not None:
-            self.variant.check(self.tasks, num_watches, mode_key="tasks")
+            self.variant.check(self.tasks, mode_key="tasks")
         self.num_extra_watches = extra.num_watches(num_watches) if self.extra_tasks else 0
         self.extra_split = extra_split(split, extra.task) if extra is not None else None
 

@@ -175,10 +175,10 @@ def list_collate(records: list[dict]) -> list[dict]:
     return records
 
 
-def _checked_variant(variant: Any, mode: str, num_train_watches: int, record_files: dict[str, Optional[str]]) -> DataVariant:
+def _checked_variant(variant: Any, mode: str, record_files: dict[str, Optional[str]]) -> DataVariant:
     """The typed variant, refused when ``mode`` would drop what it adds or a split it changes is read from a file."""
     variant = DataVariant.coerce(variant)
-    variant.check(MODES[mode], num_train_watches)
+    variant.check(MODES[mode])
     for split, records in record_files.items():
         if records is not None and variant.changes(split):
             raise VariantError(f"data.variant changes the {split} split, which data.{split}_records reads from a file; "
@@ -229,7 +229,7 @@ class UnifiedDataModule(L.LightningDataModule):
                 )
             if any(v < 0 for v in proportions.values()) or sum(proportions.values()) <= 0:
                 raise ValueError(f"data.proportions must be non-negative with a positive sum, got {proportions}")
-        self.variant = _checked_variant(variant, mode, num_train_watches, {"train": train_records, "val": val_records, "test": test_records})
+        self.variant = _checked_variant(variant, mode, {"train": train_records, "val": val_records, "test": test_records})
         variant = None if self.variant.is_default() else self.variant.to_dict()  # plain data in the hyper-parameters
         self.save_hyperparameters(ignore=["collator"])
         self.mode, self.proportions = mode, proportions

@@ -50,7 +50,7 @@ RAIN_BLUE = (25, 100, 235)
 # --- Style variants (out-of-distribution looks); the first entry of each is the default.
 ICON_DESIGNS = ("default", "flat")
 BATTERY_COLORS = {"green": BATTERY_GREEN, "blue": (0, 90, 230), "orange": (245, 130, 0), "purple": (140, 40, 180)}
-FONTS = ("default", "bold", "bitmap")
+FONTS = ("default", "large", "bitmap")
 RENDER_MODES = ("native", "downscale")
 
 
@@ -61,8 +61,9 @@ class WatchStyle:
     ``icons``: ``default`` (the procedural icons below) or ``flat`` (another design: an orange sun
     with a ring of dots, an outlined white cloud, a blue-grey cloud with rain streaks).
     ``battery_color``: the fill bar colour, one of BATTERY_COLORS. ``font``: the battery text in
-    PIL's scalable default font, the same font with a stroke (``bold``), or PIL's old fixed-size
-    bitmap font (``bitmap``, what the paper's PIL drew), scaled with the canvas. ``render``:
+    PIL's scalable default font (11 px at 224, at least 6), the same font at 14 px (``large``, at
+    least 8, so it differs at 64 px too), or PIL's old
+    fixed-size bitmap font (``bitmap``, what the paper's PIL drew), all scaled with the canvas. ``render``:
     ``native`` draws at the requested size; ``downscale`` draws at 224 px and resizes with BICUBIC,
     as a pipeline that stores 224 px pictures and lets the image processor resize them does.
     """
@@ -243,8 +244,8 @@ def weather_icon_box(attrs: WatchAttributes, size: int) -> tuple[int, int, int, 
 
 
 @functools.lru_cache(maxsize=None)
-def _battery_font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=max(6, round(11 * _scale(size))))
+def _battery_font(size: int, points_224: int = 11, smallest: int = 6) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=max(smallest, round(points_224 * _scale(size))))
 
 
 def _cloud(draw: ImageDraw.ImageDraw, u: float, dx: float, dy: float, fill: tuple, edge: tuple) -> None:
@@ -369,6 +370,6 @@ def render_watch(attrs: WatchAttributes, size: int = 224, style: WatchStyle = DE
     if style.font == "bitmap":
         _paste_bitmap_text(image, text_xy, f"{attrs.battery}%", size)
     else:
-        stroke = max(1, round(_scale(size))) if style.font == "bold" else 0
-        draw.text(text_xy, f"{attrs.battery}%", fill=BLACK, font=_battery_font(size), stroke_width=stroke, stroke_fill=BLACK)
+        font = _battery_font(size, 14, 8) if style.font == "large" else _battery_font(size)
+        draw.text(text_xy, f"{attrs.battery}%", fill=BLACK, font=font)
     return image
