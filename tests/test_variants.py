@@ -227,6 +227,9 @@ def test_materialised_variant_equals_the_stream(tmp_path):
         assert np.array_equal(pixels(on_disk[i]["image"]), pixels(streamed[i]["image"])), i
     images = {p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("images/**/*.png")}
     assert images == {r["image"] for r in records(streamed)}
+    understanding = [r for r in records(streamed) if r["task"] != "generation"]
+    assert {r["attributes"]["weather"] for r in understanding} == {"sunny"}  # extra understanding records are biased too
+    assert {r["attributes"]["weather_pos"] for r in records(streamed)} == {"top-left"}
 
 
 def test_data_command_takes_a_variant_inline_or_from_a_config(tmp_path, capsys):
