@@ -4,7 +4,12 @@ The files hold exactly what ``WatchStream`` yields for the same arguments (PNG i
 training from disk and training on the fly are interchangeable. Layout::
 
     out_dir/images/000000.png ...   one image per watch, shared by its three records
+    out_dir/images/000000-biased.png  a knowledge-transfer variant's changed understanding watch
+    out_dir/images/extra/000000.png   a data-scaling variant's new watches
     out_dir/<split>.jsonl           (or <split>.json, a JSON array as LLaVA writes)
+
+Under a ``DataVariant`` (``--variant``) the files are, the same way, exactly the records and
+pictures that ``WatchStream(..., variant=...)`` yields for the split, in its order.
 """
 from __future__ import annotations
 
@@ -16,9 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from unified_vlm.datamodules.streams import image_relpath, watch_id
-from unified_vlm.datamodules.templates import build_records
-from unified_vlm.datamodules.watch import render_watch, sample_watch
+from unified_vlm.datamodules.streams import WatchStream
+from unified_vlm.datamodules.variants import DataVariant, VariantError
 
 PAPER_SPLIT_SIZES = {"train": 60000, "test": 200}  # watches per split in the paper (1.4)
 FORMATS = ("jsonl", "json")
@@ -31,7 +35,7 @@ def _progress(items: Iterable[int], total: int, enabled: bool, description: str)
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, total=total, desc=description, unit="watch")
+    return tqdm(items, total=total, desc=description, unit="record")
 
 
 def _write_atomically(target: Path, records: list[dict], fmt: str) -> None:
@@ -73,8 +77,12 @@ def materialize(
     paper_hours: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    variant: DataVariant | dict | None = None,
 ) -> Path:
     """Render ``num_watches`` watches of ``split`` into ``out_dir``; return the records file path.
+
+    ``variant`` (a ``DataVariant`` or its mapping) writes that dataset variant instead of the
+    standard data: exactly what the streamed split yields under it, all three tasks.
 
     ``num_watches`` defaults to the paper's size for "train" (60,000) and "test" (200). Refuses to
     replace an existing records file unless ``overwrite``, and refuses a folder that already holds
@@ -100,14 +108,35 @@ def materialize(
             "overwritten. Use one folder per split."
         )
 
+    stream = WatchStream(split=split, num_watches=num_watches, seed=seed, image_size=image_size, paper_hours=paper_hours,
+                         variant=DataVariant.coerce(variant))
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for index in _progress(range(num_watches), num_watches, progress, f"{split} watches"):
-        attrs = sample_watch(seed, split, index, paper_hours=paper_hours)
-        render_watch(attrs, image_size).save(out_dir / image_relpath(index))
-        records += build_records(attrs, (seed, split, index), image_relpath(index), watch_id(split, index), index)
+    records, written = [], set()
+    for i in _progress(range(len(stream)), len(stream), progress, f"{split} records"):
+        record = stream.record(i)
+        if record["image"] not in written:  # the records of one watch share its picture
+            path = out_dir / record["image"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stream.render(record).save(path)
+            written.add(record["image"])
+        records.append(record)
     _write_atomically(target, records, fmt)
     return target
+
+
+def load_variant(text: str) -> DataVariant:
+    """A DataVariant from a YAML/JSON file or inline YAML: the variant itself or a config with ``data.variant``."""
+    import yaml
+
+    path = Path(text)
+    source = path.read_text(encoding="utf-8") if path.is_file() else text
+    if not path.is_file() and text.endswith((".yaml", ".yml", ".json")):
+        raise VariantError(f"--variant: no file {text}")
+    try:
+        mapping = yaml.safe_load(source)
+    except yaml.YAMLError as err:
+        raise VariantError(f"--variant: not valid YAML: {err}") from None
+    return DataVariant.from_mapping(mapping)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--paper-hours", action="store_true",
         help="sample the hour from 0..12 like the paper (00 and 12 look identical: label noise); default 1..12",
     )
+    parser.add_argument(
+        "--variant", default=None,
+        help="a dataset variant (docs/data.md): a YAML file holding the variant or a training config with data.variant, "
+             "or inline YAML such as '{bias: {attribute: weather, values: [sunny]}}'",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing records file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -140,9 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        variant = load_variant(args.variant) if args.variant is not None else None
         path = materialize(
             args.out, split=args.split, num_watches=args.num_watches, seed=args.seed, image_size=args.image_size,
             fmt=args.format, paper_hours=args.paper_hours, progress=not args.no_progress, overwrite=args.overwrite,
+            variant=variant,
         )
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -3,6 +3,11 @@
 Each record draws its text from its own RNG keyed by ``(*rng_seed_key, task)``, so keeping only
 some tasks never changes the text of the others, and the generation prompt and the caption of
 one watch are sampled independently.
+
+``wording`` selects the paraphrase pools: ``base`` (the pools below, the default), ``alt`` (a
+disjoint set of other paraphrases of the same questions, caption prompts and generation
+requests, for testing a model on wording it never saw) or ``all`` (both). Only the pool changes;
+the RNG draws are the same, so the same watch asks about the same attributes in every wording.
 """
 from __future__ import annotations
 
@@ -122,6 +127,101 @@ CAPTION_BASES = (
     "the image is show a smart watch",  # the paper's typo, kept on purpose
 )
 
+# --- Alternative wording (never in the base pools): the same questions and requests, said otherwise.
+ALT_QUESTIONS = {
+    "weather": (
+        "Which forecast is on the display?",
+        "Tell me the weather the watch reports.",
+        "Is it sunny, cloudy or raining on this watch?",
+        "What weather symbol can you see?",
+        "Name the weather on the screen.",
+        "What does the forecast icon say?",
+        "Which weather is the device reporting?",
+        "What is the forecast shown here?",
+        "Identify the weather on this display.",
+    ),
+    "time": (
+        "Which time is on the clock face?",
+        "Tell me the hour, minute and second shown.",
+        "What does the clock read?",
+        "Give the time that this watch face shows.",
+        "At what time are the hands set?",
+        "Report the time on this display.",
+        "What is the reading of the clock hands?",
+        "Which hour, minute and second does the dial show?",
+        "State the time on the dial.",
+        "What time can be read from this face?",
+    ),
+    "battery": (
+        "How charged is the device?",
+        "Tell me the charge level.",
+        "What charge percentage can you read?",
+        "Which percentage does the power indicator show?",
+        "How much energy does the device have left?",
+        "Report the battery charge.",
+        "What does the charge indicator say?",
+        "At what percentage is the battery?",
+        "State the remaining charge.",
+        "Read the battery gauge. What is it?",
+    ),
+    "battery_pos": (
+        "Which corner holds the charge indicator?",
+        "Tell me where the power gauge is.",
+        "In what corner can you see the battery gauge?",
+        "Where on the screen is the charge shown?",
+        "Locate the battery gauge.",
+        "At which corner is the power level drawn?",
+        "Where does the charge percentage sit?",
+        "Which corner has the battery bar?",
+        "Point out the corner of the battery gauge.",
+        "Where is the power indicator drawn?",
+    ),
+    "weather_pos": (
+        "Which corner holds the forecast symbol?",
+        "Tell me where the weather symbol is.",
+        "In what corner can you see the forecast?",
+        "Where on the screen is the weather drawn?",
+        "Locate the weather symbol.",
+        "At which corner is the forecast shown?",
+        "Where does the weather symbol sit?",
+        "Which corner has the forecast icon?",
+        "Point out the corner of the weather symbol.",
+        "Where is the forecast indicator drawn?",
+    ),
+}
+ALT_GENERATION_REQUESTS = (
+    "create a picture of a smart watch",
+    "render a smart watch for me",
+    "i would like an image of a smart watch",
+)
+ALT_CAPTION_PROMPTS = tuple(
+    f"{IMAGE_MARKER}\n{prompt}"
+    for prompt in (
+        "What can you see on this device?",
+        "Tell me everything this watch face displays.",
+        "List what the screen of this watch shows.",
+        "Explain the contents of this watch display.",
+        "Caption this picture of a watch.",
+        "What information does this device show?",
+        "Report the elements visible on this watch.",
+        "Give a one-sentence account of this watch face.",
+        "What is on this watch screen?",
+        "Write a short description of this device's display.",
+    )
+)
+WORDINGS = ("base", "alt", "all")
+
+
+def _pool(base: tuple[str, ...], alt: tuple[str, ...], wording: str) -> tuple[str, ...]:
+    if wording == "base":
+        return base
+    if wording == "alt":
+        return alt
+    if wording == "all":
+        return base + alt
+    raise ValueError(f"wording must be one of {WORDINGS}, got {wording!r}")
+
+
 # --- Clause builder (1.3): attribute -> (inclusion probability, phrasings).
 CLAUSES: dict[str, tuple[float, tuple[str, ...]]] = {
     "time": (1.0, ("showing the time {time}", "with the time {time}", "the time is {time}", "displaying {time}")),
@@ -174,27 +274,27 @@ def describe(attrs: WatchAttributes, base: str, rng: random.Random) -> str:
     return postprocess(text)
 
 
-def vqa_conversation(attrs: WatchAttributes, rng: random.Random) -> list[dict]:
+def vqa_conversation(attrs: WatchAttributes, rng: random.Random, wording: str = "base") -> list[dict]:
     """1 to 4 QA pairs: one always, then 3 trials at p=0.4; 'what' p=3/5, 'where' p=2/5."""
     n_pairs = 1 + sum(rng.random() < EXTRA_QA_PROBABILITY for _ in range(EXTRA_QA_TRIALS))
     turns = []
     for k in range(n_pairs):
         pool = WHAT_ATTRIBUTES if rng.random() < WHAT_PROBABILITY else WHERE_ATTRIBUTES
         attribute = rng.choice(pool)
-        question = rng.choice(QUESTIONS[attribute])
+        question = rng.choice(_pool(QUESTIONS[attribute], ALT_QUESTIONS[attribute], wording))
         if k == 0:
             question = f"{IMAGE_MARKER}\n{question}"
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer(attrs, attribute)}]
     return turns
 
 
-def generation_conversation(attrs: WatchAttributes, rng: random.Random) -> list[dict]:
-    prompt = describe(attrs, rng.choice(GENERATION_REQUESTS), rng)
+def generation_conversation(attrs: WatchAttributes, rng: random.Random, wording: str = "base") -> list[dict]:
+    prompt = describe(attrs, rng.choice(_pool(GENERATION_REQUESTS, ALT_GENERATION_REQUESTS, wording)), rng)
     return [{"from": "human", "value": prompt}, {"from": "gpt", "value": rng.choice(GENERATION_ACKNOWLEDGEMENTS)}]
 
 
-def caption_conversation(attrs: WatchAttributes, rng: random.Random) -> list[dict]:
-    prompt = rng.choice(CAPTION_PROMPTS)
+def caption_conversation(attrs: WatchAttributes, rng: random.Random, wording: str = "base") -> list[dict]:
+    prompt = rng.choice(_pool(CAPTION_PROMPTS, ALT_CAPTION_PROMPTS, wording))
     return [{"from": "human", "value": prompt}, {"from": "gpt", "value": describe(attrs, rng.choice(CAPTION_BASES), rng)}]
 
 
@@ -206,16 +306,17 @@ CONVERSATION_BUILDERS = {
 
 
 def build_task_record(
-    attrs: WatchAttributes, rng_seed_key: tuple, task: str, image: str, watch_id: str, watch_index: int | None = None
+    attrs: WatchAttributes, rng_seed_key: tuple, task: str, image: str, watch_id: str, watch_index: int | None = None,
+    wording: str = "base",
 ) -> dict:
-    """One LLaVA-schema record; its text depends only on (attrs, rng_seed_key, task)."""
+    """One LLaVA-schema record; its text depends only on (attrs, rng_seed_key, task, wording)."""
     if task not in CONVERSATION_BUILDERS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     record = {
         "id": f"{watch_id}-{task}",
         "task": task,
         "image": image,
-        "conversations": CONVERSATION_BUILDERS[task](attrs, stable_rng(*rng_seed_key, task)),
+        "conversations": CONVERSATION_BUILDERS[task](attrs, stable_rng(*rng_seed_key, task), wording),
         "attributes": attrs.to_dict(),
     }
     if watch_index is not None:

@@ -3,7 +3,9 @@
 Training data is either streamed (watches rendered on the fly, the default: no files needed)
 or read from a LLaVA-schema JSON/JSONL file, so any dataset in that schema is trainable.
 ``mode`` picks the paper's regimes: ``mixed`` (all tasks), ``understanding`` (vqa + caption) or
-``generation``; ``proportions`` reweights tasks inside the mix.
+``generation``; ``proportions`` reweights tasks inside the mix; ``variant`` picks a dataset
+variant of the experiments (data scaling, knowledge transfer, fixed layout, style and wording;
+see ``variants.DataVariant`` and docs/data.md).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from unified_vlm.datamodules.variants import DataVariant, VariantError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class TensorImages(Dataset):
 
         base = self.records
         if isinstance(base, WatchStream):
-            return [base.tasks[i % len(base.tasks)] for i in range(len(base))]
+            return [base.task(i) for i in range(len(base))]
         return [r["task"] for r in base.records]
 
     def text_lengths(self) -> list[int]:
@@ -171,6 +175,17 @@ def list_collate(records: list[dict]) -> list[dict]:
     return records
 
 
+def _checked_variant(variant: Any, mode: str, record_files: dict[str, Optional[str]]) -> DataVariant:
+    """The typed variant, refused when ``mode`` would drop what it adds or a split it changes is read from a file."""
+    variant = DataVariant.coerce(variant)
+    variant.check(MODES[mode])
+    for split, records in record_files.items():
+        if records is not None and variant.changes(split):
+            raise VariantError(f"data.variant changes the {split} split, which data.{split}_records reads from a file; "
+                               f"materialise the variant with `python -m unified_vlm data --variant` or unset data.{split}_records")
+    return variant
+
+
 class UnifiedDataModule(L.LightningDataModule):
     """Mixes generation / vqa / caption records and collates them for the model.
 
@@ -199,6 +214,7 @@ class UnifiedDataModule(L.LightningDataModule):
         length_pool: int = 1,
         eval_batch_size: int = 50,
         num_workers: int = 1,
+        variant: Optional[DataVariant] = None,
         collator: Any = None,
     ) -> None:
         super().__init__()
@@ -213,6 +229,8 @@ class UnifiedDataModule(L.LightningDataModule):
                 )
             if any(v < 0 for v in proportions.values()) or sum(proportions.values()) <= 0:
                 raise ValueError(f"data.proportions must be non-negative with a positive sum, got {proportions}")
+        self.variant = _checked_variant(variant, mode, {"train": train_records, "val": val_records, "test": test_records})
+        variant = None if self.variant.is_default() else self.variant.to_dict()  # plain data in the hyper-parameters
         self.save_hyperparameters(ignore=["collator"])
         self.mode, self.proportions = mode, proportions
         self.collator = collator
@@ -241,9 +259,8 @@ class UnifiedDataModule(L.LightningDataModule):
         h = self.hparams
         if records is not None:
             return TensorImages(RecordDataset(records, tasks=list(tasks), image_root=h.image_root, image_size=h.image_size))
-        return TensorImages(
-            WatchStream(split=split, num_watches=num_watches, seed=h.seed, image_size=h.image_size, tasks=tasks, paper_hours=h.paper_hours)
-        )
+        return TensorImages(WatchStream(split=split, num_watches=num_watches, seed=h.seed, image_size=h.image_size, tasks=tasks,
+                                        paper_hours=h.paper_hours, variant=self.variant))
 
     def setup(self, stage: Optional[str] = None) -> None:
         h = self.hparams

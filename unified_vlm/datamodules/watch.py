@@ -11,7 +11,9 @@ draw the hour from 1..12 (the top position is always "12"); ``paper_hours=True``
 paper's 0..12 draw.
 
 The renderer scales every length by ``size / 224`` so any square size is drawn natively rather
-than resized from a 224 px picture.
+than resized from a 224 px picture. ``WatchStyle`` varies the look for out-of-distribution tests
+(other icon designs, battery colours and fonts, or rendering at 224 px then downscaling as a
+paper-style pipeline does); the default style draws exactly the pictures drawn before it existed.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 WEATHERS = ("sunny", "cloudy", "raining")
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+LAYOUTS = ("random", "weather_tl")  # weather_tl: the weather icon always top-left (PAPER.md 1.5, for the probe)
 
 REFERENCE_SIZE = 224  # the paper's canvas; all pixel constants below are at this size
 CORNER_ANCHORS_224 = {"top-left": (10, 10), "top-right": (174, 10), "bottom-left": (10, 194), "bottom-right": (174, 194)}
@@ -43,6 +46,45 @@ CLOUD_LIGHT = (190, 192, 198)
 CLOUD_DARK = (105, 110, 122)
 CLOUD_EDGE = (90, 92, 100)
 RAIN_BLUE = (25, 100, 235)
+
+# --- Style variants (out-of-distribution looks); the first entry of each is the default.
+ICON_DESIGNS = ("default", "flat")
+BATTERY_COLORS = {"green": BATTERY_GREEN, "blue": (0, 90, 230), "orange": (245, 130, 0), "purple": (140, 40, 180)}
+FONTS = ("default", "large", "bitmap")
+RENDER_MODES = ("native", "downscale")
+
+
+@dataclass(frozen=True)
+class WatchStyle:
+    """How a watch is drawn, apart from its attributes; the defaults are the paper-like look.
+
+    ``icons``: ``default`` (the procedural icons below) or ``flat`` (another design: an orange sun
+    with a ring of dots, an outlined white cloud, a blue-grey cloud with rain streaks).
+    ``battery_color``: the fill bar colour, one of BATTERY_COLORS. ``font``: the battery text in
+    PIL's scalable default font (11 px at 224, at least 6), the same font at 14 px (``large``, at
+    least 8, so it differs at 64 px too), or PIL's old
+    fixed-size bitmap font (``bitmap``, what the paper's PIL drew), all scaled with the canvas. ``render``:
+    ``native`` draws at the requested size; ``downscale`` draws at 224 px and resizes with BICUBIC,
+    as a pipeline that stores 224 px pictures and lets the image processor resize them does.
+    """
+
+    icons: str = "default"
+    battery_color: str = "green"
+    font: str = "default"
+    render: str = "native"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("icons", self.icons, ICON_DESIGNS),
+            ("battery_color", self.battery_color, tuple(BATTERY_COLORS)),
+            ("font", self.font, FONTS),
+            ("render", self.render, RENDER_MODES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+DEFAULT_STYLE = WatchStyle()
 
 
 def stable_seed(*key: Any) -> int:
@@ -102,13 +144,19 @@ class WatchAttributes:
         return cls(**{**d, "face_color": tuple(d["face_color"])})
 
 
-def sample_watch(seed: int, split: str, index: int, paper_hours: bool = False) -> WatchAttributes:
+def sample_watch(seed: int, split: str, index: int, paper_hours: bool = False, layout: str = "random") -> WatchAttributes:
     """Attributes of watch ``index`` of ``split``; the same for the same arguments, always.
 
     Hour is uniform in 1..12 by default (no 00/12 label noise); ``paper_hours=True`` draws it
     from 0..12 as the paper does. Minute and second are uniform 0..59, battery 0..100, the two
     corners are distinct, and the face colour is uniform over all RGB triples.
+
+    ``layout="weather_tl"`` puts the weather icon top-left and the battery in one of the other
+    three corners, uniformly, from a separate RNG so every other attribute is the one the
+    ``random`` layout draws for the same watch.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     rng = stable_rng(seed, split, index)
     hour = rng.randint(0, 12) if paper_hours else rng.randint(1, 12)
     minute = rng.randint(0, 59)
@@ -117,6 +165,9 @@ def sample_watch(seed: int, split: str, index: int, paper_hours: bool = False) -
     battery = rng.randint(0, 100)
     weather_pos, battery_pos = rng.sample(CORNERS, 2)
     face_color = (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+    if layout == "weather_tl":
+        weather_pos = "top-left"
+        battery_pos = stable_rng(seed, split, index, "layout").choice(CORNERS[1:])
     return WatchAttributes(hour, minute, second, weather, battery, weather_pos, battery_pos, face_color)
 
 
@@ -193,8 +244,8 @@ def weather_icon_box(attrs: WatchAttributes, size: int) -> tuple[int, int, int, 
 
 
 @functools.lru_cache(maxsize=None)
-def _battery_font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=max(6, round(11 * _scale(size))))
+def _battery_font(size: int, points_224: int = 11, smallest: int = 6) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=max(smallest, round(points_224 * _scale(size))))
 
 
 def _cloud(draw: ImageDraw.ImageDraw, u: float, dx: float, dy: float, fill: tuple, edge: tuple) -> None:
@@ -226,18 +277,47 @@ def _sun(draw: ImageDraw.ImageDraw, u: float, cx: float, cy: float, r: float, ra
     draw.ellipse([(cx - r) * u, (cy - r) * u, (cx + r) * u, (cy + r) * u], fill=SUN_YELLOW)
 
 
+FLAT_ORANGE = (250, 120, 20)
+FLAT_CLOUD = (250, 250, 250)
+FLAT_OUTLINE = (40, 40, 48)
+FLAT_RAIN_CLOUD = (110, 128, 158)
+FLAT_RAIN = (70, 170, 255)
+
+
+def _flat_icon(draw: ImageDraw.ImageDraw, u: float, weather: str) -> None:
+    """The ``flat`` design: same meanings, other shapes and colours than the default icons."""
+    if weather == "sunny":  # an orange disc in a ring of eight dots
+        draw.ellipse([0.32 * u, 0.32 * u, 0.68 * u, 0.68 * u], fill=FLAT_ORANGE)
+        for k in range(8):
+            a = math.radians(k * 45 + 22.5)
+            cx, cy = 0.5 + 0.34 * math.cos(a), 0.5 + 0.34 * math.sin(a)
+            draw.ellipse([(cx - 0.06) * u, (cy - 0.06) * u, (cx + 0.06) * u, (cy + 0.06) * u], fill=FLAT_ORANGE)
+    elif weather == "cloudy":  # a white cloud with a dark outline, no sun
+        _cloud(draw, u, -0.02, -0.02, FLAT_CLOUD, FLAT_OUTLINE)
+    else:  # raining: a blue-grey cloud over four straight light-blue streaks
+        _cloud(draw, u, 0.0, -0.24, FLAT_RAIN_CLOUD, FLAT_RAIN_CLOUD)
+        for x in (0.26, 0.42, 0.58, 0.74):
+            draw.line([(x * u, 0.6 * u), (x * u, 0.9 * u)], fill=FLAT_RAIN, width=round(0.06 * u))
+
+
 @functools.lru_cache(maxsize=None)
-def weather_icon(weather: str, icon_px: int) -> Image.Image:
-    """The RGBA icon for ``weather`` at ``icon_px`` pixels, drawn procedurally.
+def weather_icon(weather: str, icon_px: int, design: str = "default") -> Image.Image:
+    """The RGBA icon for ``weather`` at ``icon_px`` pixels in ``design``, drawn procedurally.
 
     Drawn on a larger canvas and downsampled (like the paper's 101 px PNG icons resized to 30 px),
     so the icons stay smooth and distinct by colour even when only a few pixels wide.
     Cached: callers must not modify the returned image.
     """
+    if weather not in WEATHERS:
+        raise ValueError(f"unknown weather {weather!r}; expected one of {WEATHERS}")
+    if design not in ICON_DESIGNS:
+        raise ValueError(f"unknown icon design {design!r}; expected one of {ICON_DESIGNS}")
     u = max(120, 4 * icon_px)
     canvas = Image.new("RGBA", (u, u), (0, 0, 0, 0))
     draw = ImageDraw.Draw(canvas)
-    if weather == "sunny":
+    if design == "flat":
+        _flat_icon(draw, u, weather)
+    elif weather == "sunny":
         _sun(draw, u, 0.5, 0.5, 0.23, rays=True)
     elif weather == "cloudy":
         _sun(draw, u, 0.68, 0.34, 0.2, rays=False)
@@ -251,8 +331,23 @@ def weather_icon(weather: str, icon_px: int) -> Image.Image:
     return canvas.resize((icon_px, icon_px), Image.LANCZOS)
 
 
-def render_watch(attrs: WatchAttributes, size: int = 224) -> Image.Image:
+def _paste_bitmap_text(image: Image.Image, xy: tuple[int, int], text: str, size: int) -> None:
+    """PIL's fixed 11 px bitmap font, drawn at 224 px scale and resized to ``size`` (a scaled mask)."""
+    font = ImageFont.load_default_imagefont()
+    x0, y0, x1, y1 = font.getbbox(text)
+    mask = Image.new("L", (x1, y1), 0)
+    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=font)
+    s = _scale(size)
+    if s != 1:
+        mask = mask.resize((max(1, round(x1 * s)), max(1, round(y1 * s))), Image.LANCZOS)
+    image.paste(BLACK, (xy[0], xy[1], xy[0] + mask.width, xy[1] + mask.height), mask)
+
+
+def render_watch(attrs: WatchAttributes, size: int = 224, style: WatchStyle = DEFAULT_STYLE) -> Image.Image:
     """The RGB ``size`` x ``size`` picture of a watch (draw order: face, hands, weather, battery)."""
+    if style.render == "downscale" and size != REFERENCE_SIZE:
+        native = WatchStyle(style.icons, style.battery_color, style.font, "native")
+        return render_watch(attrs, REFERENCE_SIZE, native).resize((size, size), Image.BICUBIC)
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
 
@@ -263,13 +358,18 @@ def render_watch(attrs: WatchAttributes, size: int = 224) -> Image.Image:
         draw.line([(centre, centre), tip], fill=HAND_COLOR, width=hand_width(name, size))
 
     x0, y0, x1, _ = weather_icon_box(attrs, size)
-    icon = weather_icon(attrs.weather, x1 - x0)
+    icon = weather_icon(attrs.weather, x1 - x0, style.icons)
     image.paste(icon, (x0, y0), icon)
 
     bx0, by0, bx1, by1 = battery_outline_box(attrs, size)
     draw.rectangle([bx0, by0, bx1, by1], outline=BLACK, width=battery_line_width(size))
     fx0, fy0, fx1, fy1 = battery_fill_box(attrs, size)
     if fx1 > fx0:
-        draw.rectangle([fx0, fy0, fx1 - 1, fy1 - 1], fill=BATTERY_GREEN)
-    draw.text((bx0 + round(30 * _scale(size)), by0), f"{attrs.battery}%", fill=BLACK, font=_battery_font(size))
+        draw.rectangle([fx0, fy0, fx1 - 1, fy1 - 1], fill=BATTERY_COLORS[style.battery_color])
+    text_xy = (bx0 + round(30 * _scale(size)), by0)
+    if style.font == "bitmap":
+        _paste_bitmap_text(image, text_xy, f"{attrs.battery}%", size)
+    else:
+        font = _battery_font(size, 14, 8) if style.font == "large" else _battery_font(size)
+        draw.text(text_xy, f"{attrs.battery}%", fill=BLACK, font=font)
     return image
