@@ -17,6 +17,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "pretrain-contrastive": ("unified_vlm.pretraining.contrastive:main", "SigLIP sigmoid-contrastive (image, caption) pretraining of the watch encoder"),
     "train-vq": ("unified_vlm.pretraining.vq:main", "train the VQ image tokenizer on watch images"),
     "train-feature-decoder": ("unified_vlm.pretraining.feature_decoder:main", "train a pixel decoder for continuous (SigLIP) output features"),
+    "evaluate": ("unified_vlm.experiments.evaluate:main", "score every checkpoint of a run directory (one row each)"),
     "build-assets": ("unified_vlm.pretraining.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
 }
 LIGHTNING = {

@@ -6,7 +6,7 @@ import os
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from unified_vlm.callbacks import EvaluationReport, PredictionWriter, VQAProbe
+from unified_vlm.callbacks import EvaluationReport, GenerationProbe, PredictionWriter, VQAProbe
 from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
 from unified_vlm.models.unified import UnifiedVLM
 
@@ -18,6 +18,7 @@ class UnifiedCLI(LightningCLI):
         parser.add_lightning_class_args(EvaluationReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(VQAProbe, "vqa_probe")
+        parser.add_lightning_class_args(GenerationProbe, "generation_probe")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_argument("--test_after_fit", type=bool, default=True, help="score the trained model on the test split after fit")

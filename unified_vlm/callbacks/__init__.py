@@ -1,5 +1,6 @@
 from unified_vlm.callbacks.evaluation_report import EvaluationReport
+from unified_vlm.callbacks.generation_probe import GenerationProbe
 from unified_vlm.callbacks.prediction_writer import PredictionWriter
 from unified_vlm.callbacks.vqa_probe import VQAProbe
 
-__all__ = ["EvaluationReport", "PredictionWriter", "VQAProbe"]
+__all__ = ["EvaluationReport", "GenerationProbe", "PredictionWriter", "VQAProbe"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -48,47 +49,106 @@ def image_grid(pairs: list[tuple[torch.Tensor, Optional[torch.Tensor]]], cell: i
 
 
 class EvaluationReport(L.Callback):
-    """Collects ``test_step`` outputs; at the end of testing scores every VQA turn (PAPER.md 4.2),
-    prints the table, logs ``test/<attribute>`` metrics, writes ``test_scores.json`` and
-    ``generation_grid.png`` (ground truth above generated) into the run directory."""
+    """Collects ``test_step`` outputs; at the end of testing scores both directions and writes them
+    into ``test_scores.json`` in the run directory:
 
-    def __init__(self, scores_file: str = "test_scores.json", grid_file: str = "generation_grid.png", grid_size: int = 16) -> None:
+    - ``summary``: every VQA turn and the first turns (PAPER.md 4.2), printed as a table;
+    - ``generation``: faithfulness of the generated watches to what their prompts state, read by
+      the watch reader (``reader``: ``builtin`` or a ``train-reader`` directory), and the Fréchet
+      distance on the reader's features against ``fd_reference`` held-out renders, with a
+      bootstrap 95 % interval (``unified_vlm.evaluation.generation``); standard Inception FID
+      too when ``inception_weights`` names a local weights file;
+    - ``captions``: which attributes the generated captions state and how many are right
+      (``unified_vlm.evaluation.captions``);
+    - ``results``: every scored VQA turn.
+
+    ``generation_grid.png`` shows ground truth above generated for the first ``grid_size`` prompts.
+    Metrics are also logged as ``test/...``.
+    """
+
+    def __init__(self, scores_file: str = "test_scores.json", grid_file: str = "generation_grid.png", grid_size: int = 16,
+                 reader: Optional[str] = "builtin", fd_reference: int = 1000, bootstrap: int = 100,
+                 inception_weights: Optional[str] = None) -> None:
+        if fd_reference < 2 or bootstrap < 0:
+            raise ValueError(f"report.fd_reference must be >= 2 and report.bootstrap >= 0, got {fd_reference}, {bootstrap}")
         self.scores_file, self.grid_file, self.grid_size = scores_file, grid_file, grid_size
+        self.reader, self.fd_reference, self.bootstrap = reader, fd_reference, bootstrap
+        self.inception_weights = inception_weights
         self.vqa: list[dict] = []
         self.generated: list[dict] = []
+        self.captions: list[dict] = []
         self.summary: Optional[dict] = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Check the reader and Inception files before anything runs, not after a long test."""
+        if stage == "test":
+            from unified_vlm.evaluation.reader import load_reader
+
+            if self.reader is not None:
+                load_reader(self.reader)
+            if self.inception_weights is not None and not Path(self.inception_weights).is_file():
+                raise FileNotFoundError(f"report.inception_weights: {self.inception_weights} does not exist "
+                                        "(standard FID needs the Inception weights file on local disk; nothing is downloaded)")
+
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self.vqa, self.generated, self.summary = [], [], None
+        self.vqa, self.generated, self.captions, self.summary = [], [], [], None
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not isinstance(outputs, dict):
             return
         self.vqa.extend(outputs.get("vqa", []))
-        for item in outputs.get("generation", []):
-            if len(self.generated) < self.grid_size and item.get("target") is not None:
-                self.generated.append(item)
+        self.captions.extend(outputs.get("caption", []))
+        self.generated.extend(outputs.get("generation", []))
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         scorer = score_answers(gather_objects(trainer, self.vqa))
+        generated = gather_objects(trainer, self.generated)
+        captions = gather_objects(trainer, self.captions)
         self.summary = scorer.summary()
-        for scope, values in self.summary.items():
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and key != "count":
-                    pl_module.log(f"test/{scope}/{key}", float(value), sync_dist=False)
-        self._write(trainer, pl_module, scorer)
+        self.summary.update(self._generation(generated, pl_module))
+        if captions:
+            self.summary["captions"] = score_caption_items(captions)
+        for name, value in flat_metrics(self.summary).items():
+            pl_module.log(f"test/{name}", value, sync_dist=False)
+        self._write(run_dir(trainer), pl_module, scorer, generated)  # log_dir is read on every rank (DDP)
+
+    def _generation(self, generated: list[dict], pl_module) -> dict:
+        """The ``generation`` entry: faithfulness and Fréchet distance of the generated images."""
+        if not generated or self.reader is None:
+            return {}
+        from unified_vlm.evaluation.generation import generation_report, inception_fid, reference_renders
+        from unified_vlm.evaluation.reader import load_reader
+
+        made = [g for g in generated if g["image"] is not None]
+        report: dict = {"requested": len(generated), "generated": len(made)}
+        if len(made) < 2:
+            return {"generation": report}
+        images = torch.stack([g["image"].float() for g in made])
+        real = reference_renders(self.fd_reference, images.shape[-1])
+        report.update(generation_report(load_reader(self.reader), images, [g["prompt"] for g in made], real=real,
+                                        bootstrap=self.bootstrap, renderer=renderer_name(pl_module)))
+        if self.inception_weights is not None:
+            report["inception_fid"] = inception_fid(real, images, self.inception_weights)
+        return {"generation": report}
 
     @rank_zero_only
-    def _write(self, trainer, pl_module, scorer) -> None:
-        directory = run_dir(trainer)
+    def _write(self, directory: Path, pl_module, scorer, generated: list[dict]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        scorer.to_json(directory / self.scores_file)
+        payload = {"summary": {k: self.summary[k] for k in ("all_turns", "first_turn")},
+                   **{k: v for k, v in self.summary.items() if k not in ("all_turns", "first_turn")},
+                   "results": [asdict(r) for r in scorer.results]}
+        write_json_atomically(directory / self.scores_file, payload)
         print("\nVQA scores on the test split (PAPER.md 4.2 rules)\n" + scorer.format_table())
+        if "generation" in self.summary:
+            print(format_generation(self.summary["generation"]))
+        if "captions" in self.summary:
+            print(format_captions(self.summary["captions"]))
         print(f"wrote {directory / self.scores_file}")
-        if self.generated:
+        shown = [g for g in generated if g.get("target") is not None][: self.grid_size]
+        if shown:
             from torchvision.utils import save_image
 
-            grid = image_grid([(g["target"], g["image"]) for g in self.generated])
+            grid = image_grid([(g["target"], g["image"]) for g in shown])
             save_image(grid, directory / self.grid_file)
             sampling = dict(getattr(pl_module, "hparams", {}).get("sampling", {}))
             write_json_atomically(
@@ -96,7 +156,64 @@ class EvaluationReport(L.Callback):
                 {
                     "layout": "each column: ground truth (top) and generated (bottom)",
                     "sampling": sampling,
-                    "prompts": [{"record_id": g["record_id"], "prompt": g["prompt"]} for g in self.generated],
+                    "prompts": [{"record_id": g["record_id"], "prompt": g["prompt"]} for g in shown],
                 },
             )
             print(f"wrote {directory / self.grid_file}")
+
+
+def renderer_name(pl_module) -> str:
+    """What made the pixels: the VQ decoder, or the feature space's renderer (PAPER.md 7.2)."""
+    output = dict(getattr(pl_module, "hparams", {}).get("image_output") or {})
+    if output.get("space", "vq") == "vq":
+        return "vq_decoder"
+    return f"features via {output.get('renderer')}"
+
+
+def score_caption_items(items: list[dict]) -> dict:
+    """Caption metrics of ``UnifiedVLM.write_captions`` outputs."""
+    from unified_vlm.evaluation.captions import score_captions
+
+    records = [{"id": c["record_id"], "attributes": c.get("attributes"),
+                "conversations": [{"from": "human", "value": c["prompt"]}, {"from": "gpt", "value": c["reference"]}]}
+               for c in items]
+    return score_captions([c["caption"] for c in items], records)
+
+
+def flat_metrics(summary: dict, prefix: str = "") -> dict[str, float]:
+    """Every number of a nested summary as ``a/b/c`` keys (counts and None left out), for loggers."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_metrics(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and "count" not in key and not key.startswith("n_"):
+            out[name] = float(value)
+    return out
+
+
+def format_generation(report: dict) -> str:
+    """Faithfulness per stated attribute and the Fréchet distance, for the console."""
+    lines = [f"\nGeneration: {report.get('generated', 0)} of {report.get('requested', 0)} prompts gave an image"
+             + (f" ({report['renderer']})" if report.get("renderer") else "")]
+    faith = report.get("faithfulness") or {}
+    for key, value in faith.items():
+        if isinstance(value, float):
+            lines.append(f"  faithfulness {key:<12} {value:.4f}")
+    fd = report.get("frechet") or {}
+    if fd:
+        lines.append(f"  reader Fréchet distance {fd.get('fd', float('nan')):.3f} "
+                     f"(95% interval {fd.get('low', float('nan')):.3f} to {fd.get('high', float('nan')):.3f}; "
+                     f"{fd.get('n_fake')} generated vs {fd.get('n_real')} renders)")
+    if "inception_fid" in report:
+        lines.append(f"  Inception FID {report['inception_fid']:.2f}")
+    return "\n".join(lines)
+
+
+def format_captions(summary: dict) -> str:
+    """Caption precision and recall per attribute, for the console."""
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"\nCaptions ({summary['total'].get('count', 0)}): attribute, stated, precision, recall"]
+    for key, value in summary.items():
+        lines.append(f"  {key:<12} {fmt(value.get('stated'))} {fmt(value.get('precision'))} {fmt(value.get('recall'))}")
+    return "\n".join(lines)
