@@ -127,3 +127,14 @@ def load_model_weights(model: nn.Module, path: str) -> int:
             own[key].copy_(state[key])
     log.info("model.init_from: loaded %d tensors from %s (weights only: no optimizer state, step 0)", len(mine), path)
     return len(mine)
+
+
+def load_init_weights(model) -> None:
+    """At fit start: load ``model.init_from`` unless the fit resumes from its own checkpoint.
+
+    Called from ``on_fit_start``: with most strategies the resumed checkpoint is restored by then
+    (``trainer.ckpt_path`` is set, so the source is not read); with those that restore after setup
+    (DeepSpeed, FSDP) the path is still unset and the restore overwrites these weights afterwards.
+    """
+    if model.init_from is not None and model.trainer.ckpt_path is None:
+        load_model_weights(model, model.init_from)

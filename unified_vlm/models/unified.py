@@ -167,7 +167,7 @@ class UnifiedVLM(L.LightningModule):
         und_distortion: a fixed affine map of the understanding encoder's features (DistortionSpec:
             strength, seed, translation; PAPER.md 5.2 b); null = none. Generation is untouched.
         init_from: start ``fit`` from the model weights of this checkpoint (not its optimizer or
-            step); loaded in ``setup('fit')`` unless the fit resumes from its own checkpoint.
+            step); loaded at fit start unless the fit resumes from its own checkpoint.
         freeze: modules that get no gradient and stay in eval mode: und_projector, gen_projector,
             und_token_embedding, und_feature_norm, head, lm (all of it) or lora (its adapters).
     """
@@ -284,6 +284,7 @@ class UnifiedVLM(L.LightningModule):
         self.init_from = init_from
         self.frozen = staged.check_freeze_names(self, freeze)
         staged.freeze(self, self.frozen)
+        self.train()  # Lightning does not call train() before fitting: put frozen parts in eval mode now
 
     # ------------------------------------------------------------------ modules
     def train(self, mode: bool = True):
@@ -294,11 +295,6 @@ class UnifiedVLM(L.LightningModule):
         for module in staged.frozen_modules(self, self.frozen):
             module.eval()
         return self
-
-    def setup(self, stage: str) -> None:
-        """Load ``init_from`` weights for a fresh fit (a resumed fit restores its own checkpoint)."""
-        if stage == "fit" and self.init_from is not None and self.trainer.ckpt_path is None:
-            staged.load_model_weights(self, self.init_from)
 
     @property
     def decoder(self) -> nn.Module:
@@ -687,6 +683,7 @@ class UnifiedVLM(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Log the trainable/frozen table; save the text tokenizer into the run directory."""
+        staged.load_init_weights(self)
         if self.trainer.is_global_zero:
             log.info("parameters per module:\n%s", self.format_parameter_table())
         if self.trainer.is_global_zero and self.trainer.logger is not None and self.trainer.log_dir:
