@@ -18,6 +18,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "train-vq": ("unified_vlm.models.vq_module:main", "train the VQ image tokenizer on watch images"),
     "train-feature-decoder": ("unified_vlm.models.feature_decoder:main", "train a pixel decoder for continuous (SigLIP) output features"),
     "build-assets": ("unified_vlm.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
+    "probe": ("unified_vlm.evaluation.probes:main", "linear probe + t-SNE of one image token's adapter outputs by attribute"),
 }
 LIGHTNING = {
     "fit": "train a model (then score it on the test split)",
