@@ -46,6 +46,8 @@ def test_random_labels_stay_near_chance():
 def test_the_probe_is_seeded():
     features, labels = clusters(spread=0.15)  # overlapping classes: accuracy depends on the split
     a, b = linear_probe(features, labels, seed=3), linear_probe(features, labels, seed=3)
+    as_numbers = torch.tensor([("cloudy", "raining", "sunny").index(label) for label in labels])
+    assert linear_probe(features, as_numbers, seed=3).test_accuracy == a.test_accuracy  # a label tensor works too
     c = linear_probe(features, labels, seed=4)
     assert a.to_dict() == b.to_dict() and a.test_accuracy != c.test_accuracy
 

@@ -94,7 +94,9 @@ class ProbeResult:
 
 
 def encode_labels(labels: Sequence) -> tuple[Tensor, list[str]]:
-    """Class indices (sorted class names) for any hashable labels."""
+    """Class indices (sorted class names) for any labels: strings, numbers, a tensor or an array."""
+    if isinstance(labels, (Tensor, np.ndarray)):
+        labels = labels.tolist()
     classes = sorted({str(label) for label in labels})
     index = {c: i for i, c in enumerate(classes)}
     return torch.tensor([index[str(label)] for label in labels], dtype=torch.long), classes
@@ -332,7 +334,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ValueError as err:  # a constant token: the probe result stands, the figure cannot exist
             report["tsne"] = f"skipped: {err}"
         else:
-            title = f"{Path(args.ckpt_path).name}: token {args.token} by {args.attribute} (test acc {result.test_accuracy:.2f})"
+            source = "/".join(Path(args.ckpt_path).parts[-3:])
+            title = f"{source}: token {args.token} by {args.attribute} (probe test acc {result.test_accuracy:.2f})"
             report["tsne"] = plot_embedding(points, labels, out / "tsne.png", title).name
     (out / "probe.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"linear probe of {args.attribute!r} on token {args.token}: train {result.train_accuracy:.3f}, "
