@@ -682,7 +682,7 @@ class UnifiedVLM(L.LightningModule):
         return "\n".join(lines)
 
     def on_fit_start(self) -> None:
-        """Log the trainable/frozen table; save the text tokenizer into the run directory."""
+        """Load ``init_from`` weights (fresh fits only), log the trainable/frozen table, save the tokenizer."""
         staged.load_init_weights(self)
         if self.trainer.is_global_zero:
             log.info("parameters per module:\n%s", self.format_parameter_table())
