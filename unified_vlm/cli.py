@@ -19,6 +19,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "train-feature-decoder": ("unified_vlm.pretraining.feature_decoder:main", "train a pixel decoder for continuous (SigLIP) output features"),
     "evaluate": ("unified_vlm.experiments.evaluate:main", "score every checkpoint of a run directory (one row each)"),
     "build-assets": ("unified_vlm.pretraining.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
+    "probe": ("unified_vlm.evaluation.probes:main", "linear probe + t-SNE of one image token's adapter outputs by attribute"),
 }
 LIGHTNING = {
     "fit": "train a model (then score it on the test split)",

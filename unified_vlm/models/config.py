@@ -5,6 +5,7 @@ saved in checkpoints reload across versions without pickled objects.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
@@ -108,6 +109,40 @@ class SamplingSpec:
     cfg_scale: float = 1.0
     """Classifier-free guidance scale for image tokens (1 = off); the model needs training with
     ``image_output.prompt_dropout`` > 0 to have learned the unconditional prompt."""
+
+
+@dataclass
+class DistortionSpec:
+    """A fixed affine map y = x A + b on the understanding encoder's features (PAPER.md 5.2 b).
+
+    A = Q S: Q orthogonal (QR of a seeded uniform random matrix), S diagonal with factors uniform
+    in (1 - strength, 1 + strength]; b uniform in (-strength, strength] when ``translation``, else
+    zero. Generation inputs and targets are never distorted.
+    """
+
+    strength: float = 0.0
+    """s in [0, 1): 0 = a pure rotation (the control; a linear projector can undo it exactly);
+    the paper used 0.1, 0.2 and 0.3. Below 1 so that every scale factor stays positive."""
+    seed: int = 42
+    """Seed of Q, S and b (the paper's seed is 42); the same seed gives the same map everywhere."""
+    translation: bool = False
+    """Add b (the paper's committed matrices have b = 0; its notebook would add one)."""
+
+    def __post_init__(self) -> None:
+        s = self.strength
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise ValueError(f"und_distortion.strength must be a finite number, got {s!r}")
+        if s < 0:
+            raise ValueError(f"und_distortion.strength must be >= 0 (0 = pure rotation), got {s}")
+        if s >= 1:
+            raise ValueError(
+                f"und_distortion.strength must be below 1, got {s}: scale factors are drawn from (1 - s, 1 + s], "
+                "so s >= 1 allows zero or negative factors and a map that cannot be inverted"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"und_distortion.seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.translation, bool):
+            raise ValueError(f"und_distortion.translation must be true or false, got {self.translation!r}")
 
 
 def coerce(spec_type, value):

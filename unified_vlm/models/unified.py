@@ -20,10 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from unified_vlm.models import staged
 from unified_vlm.models.backbones import apply_training_policy
+from unified_vlm.models.distortion import build_distortion
 from unified_vlm.models.projectors import TokenSlotEmbedding
 from unified_vlm.models.config import (
     BackboneSpec,
+    DistortionSpec,
     EncoderSpec,
     ImageOutputSpec,
     OptimSpec,
@@ -163,6 +166,12 @@ class UnifiedVLM(L.LightningModule):
             supervised assistant turn weighs the same; see ``text_loss``).
         und_token_embedding: add a learned vector per image-token slot after the projector
             (``TokenSlotEmbedding``), so the LM can tell which patch token it attends to.
+        und_distortion: a fixed affine map of the understanding encoder's features (DistortionSpec:
+            strength, seed, translation; PAPER.md 5.2 b); null = none. Generation is untouched.
+        init_from: start ``fit`` from the model weights of this checkpoint (not its optimizer or
+            step); loaded at fit start unless the fit resumes from its own checkpoint.
+        freeze: modules that get no gradient and stay in eval mode: und_projector, gen_projector,
+            und_token_embedding, und_feature_norm, head, lm (all of it) or lora (its adapters).
     """
 
     def __init__(
@@ -178,6 +187,9 @@ class UnifiedVLM(L.LightningModule):
         max_length: int = 512,
         text_loss_average: str = "token",
         und_token_embedding: bool = False,
+        und_distortion: Optional[DistortionSpec] = None,
+        init_from: Optional[str] = None,
+        freeze: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
         encoder, backbone = coerce(EncoderSpec, encoder), coerce(BackboneSpec, backbone)
@@ -196,6 +208,9 @@ class UnifiedVLM(L.LightningModule):
                 "max_length": max_length,
                 "text_loss_average": text_loss_average,
                 "und_token_embedding": und_token_embedding,
+                "und_distortion": None if und_distortion is None else to_primitive(coerce(DistortionSpec, und_distortion)),
+                "init_from": init_from,
+                "freeze": None if freeze is None else list(freeze),
             }
         )
         self.optim_spec, self.sampling_spec = optim, sampling
@@ -224,6 +239,7 @@ class UnifiedVLM(L.LightningModule):
 
         self.und_projector = PROJECTORS.create(und_projector, in_dim=self.encoder.feature_dim, out_dim=hidden)
         self.und_feature_norm = build_feature_norm(und_feature_norm, self.encoder.feature_dim)
+        self.und_distortion = build_distortion(und_distortion, self.encoder.feature_dim)
         self.und_token_embedding = TokenSlotEmbedding(self.encoder.num_tokens, hidden) if und_token_embedding else None
         # Aligned pairs read and write one space: VQ codes in and out, or the same feature tower.
         aligned = (encoder.name == "vq_codes" and image_output.space == "vq") or (
@@ -267,6 +283,10 @@ class UnifiedVLM(L.LightningModule):
             prompt_dropout=image_output.prompt_dropout,
         )
         self.test_records: list[dict] = []  # filled by test_step, read by the report callbacks
+        self.init_from = init_from
+        self.frozen = staged.check_freeze_names(self, freeze)
+        staged.freeze(self, self.frozen)
+        self.train()  # Lightning does not call train() before fitting: put frozen parts in eval mode now
 
     # ------------------------------------------------------------------ modules
     def train(self, mode: bool = True):
@@ -274,6 +294,8 @@ class UnifiedVLM(L.LightningModule):
         if self.encoder_frozen:
             self.encoder.eval()
         self.output_space.eval()
+        for module in staged.frozen_modules(self, self.frozen):
+            module.eval()
         return self
 
     @property
@@ -287,6 +309,8 @@ class UnifiedVLM(L.LightningModule):
                 feats = self.encoder(images)
         else:
             feats = self.encoder(images)
+        if self.und_distortion is not None:
+            feats = self.und_distortion(feats)
         if self.und_feature_norm is not None:
             feats = self.und_feature_norm(feats.float().flatten(0, 1)).view_as(feats)
         tokens = self.und_projector(feats)
@@ -400,6 +424,8 @@ class UnifiedVLM(L.LightningModule):
             {"params": [p for p in adapters if p.requires_grad], "lr": spec.projector_lr, "weight_decay": 0.0, "name": "projectors_heads"},
         ]
         groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ValueError(f"nothing to train: every parameter is frozen (model.freeze: {self.frozen})")
         optimizer = torch.optim.AdamW(groups, betas=tuple(spec.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, int(spec.warmup_ratio * total))
@@ -661,7 +687,10 @@ class UnifiedVLM(L.LightningModule):
             if trainable + frozen == 0:
                 continue
             shared = "+gen" if name == "und_projector" and self.shares_projector else ""  # one module, two roles
-            rows.append({"module": name + shared, "policy": policies.get(name, "full"),
+            policy = policies.get(name, "full")
+            if name in self.frozen or (name == "lm" and "lora" in self.frozen):
+                policy = "frozen" if name != "lm" or "lm" in self.frozen else "lora, frozen"
+            rows.append({"module": name + shared, "policy": policy,
                          "trainable": trainable, "frozen": frozen})
         return rows
 
@@ -674,7 +703,8 @@ class UnifiedVLM(L.LightningModule):
         return "\n".join(lines)
 
     def on_fit_start(self) -> None:
-        """Log the trainable/frozen table; save the text tokenizer into the run directory."""
+        """Load ``init_from`` weights (fresh fits only), log the trainable/frozen table, save the tokenizer."""
+        staged.load_init_weights(self)
         if self.trainer.is_global_zero:
             log.info("parameters per module:\n%s", self.format_parameter_table())
         if self.trainer.is_global_zero and self.trainer.logger is not None and self.trainer.log_dir:
