@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The logger's version directory when there is one, else ``default_root_dir``."""
+    """The logger's version directory when there is one, else ``default_root_dir``.
+
+    Under DDP ``trainer.log_dir`` is a broadcast from rank 0: call this on every rank."""
     directory = trainer.log_dir if trainer.logger is not None and trainer.log_dir else trainer.default_root_dir
     return Path(directory)
 
@@ -92,11 +94,10 @@ class EvaluationReport(L.Callback):
             for key, value in values.items():
                 if isinstance(value, (int, float)) and key != "count":
                     pl_module.log(f"test/{scope}/{key}", float(value), sync_dist=False)
-        self._write(trainer, pl_module, scorer)
+        self._write(run_dir(trainer), pl_module, scorer)  # run_dir broadcasts: every rank calls it
 
     @rank_zero_only
-    def _write(self, trainer, pl_module, scorer) -> None:
-        directory = run_dir(trainer)
+    def _write(self, directory: Path, pl_module, scorer) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         scorer.to_json(directory / self.scores_file)
         print("\nVQA scores on the test split (PAPER.md 4.2 rules)\n" + scorer.format_table())

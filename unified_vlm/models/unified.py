@@ -367,6 +367,8 @@ class UnifiedVLM(L.LightningModule):
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         out = self(batch)
         bs = batch["input_ids"].shape[0]
+        if stage == "train":  # read by NonFiniteLossGuard only when the loss is not finite
+            self.last_loss_terms = {k: v.detach() for k, v in out.items()}
         self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=stage != "train")
         self.log(f"{stage}/text_loss", out["text_loss"], prog_bar=stage == "train", batch_size=bs, sync_dist=stage != "train")
         self.log(f"{stage}/image_loss", out["image_loss"], prog_bar=stage == "train", batch_size=bs, sync_dist=stage != "train")
@@ -656,8 +658,10 @@ class UnifiedVLM(L.LightningModule):
         """Log the trainable/frozen table; save the text tokenizer into the run directory."""
         if self.trainer.is_global_zero:
             log.info("parameters per module:\n%s", self.format_parameter_table())
-        if self.trainer.is_global_zero and self.trainer.logger is not None and self.trainer.log_dir:
-            self.tokenizer.save_pretrained(os.path.join(self.trainer.log_dir, "tokenizer"))
+        # trainer.log_dir broadcasts from rank 0: every rank must read it, or DDP waits forever.
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        if self.trainer.is_global_zero and log_dir:
+            self.tokenizer.save_pretrained(os.path.join(log_dir, "tokenizer"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from unified_vlm.text_tokenizer import tokenizer_to_json
