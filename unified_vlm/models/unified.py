@@ -252,10 +252,11 @@ class UnifiedVLM(L.LightningModule):
                 f"{'discrete' if self.output_space.discrete else 'continuous'} targets need "
                 f"{'vq_classification' if self.output_space.discrete else 'feature_regression'}"
             )
+        head_options = dict(image_output.head_options)
         if self.output_space.discrete:
-            self.head = HEADS.create(image_output.head, hidden_size=hidden, codebook_size=self.output_space.target_size)
+            self.head = HEADS.create(image_output.head, hidden_size=hidden, codebook_size=self.output_space.target_size, **head_options)
         else:
-            self.head = HEADS.create(image_output.head, hidden_size=hidden, feature_dim=self.output_space.feature_dim)
+            self.head = HEADS.create(image_output.head, hidden_size=hidden, feature_dim=self.output_space.feature_dim, **head_options)
         self.alpha = image_output.loss_weight
         self.collator = ConversationCollator(
             tokenizer=self.tokenizer,
@@ -577,7 +578,8 @@ class UnifiedVLM(L.LightningModule):
         results = []
         for start in range(0, len(jobs), 64):
             chunk = jobs[start:start + 64]
-            outs = self.generate([p for _, _, p in chunk], [r["image"] for r, _, _ in chunk], image_policy="never")
+            # cfg_scale 1: guidance is for text-to-image prompts; sampling.cfg_scale must not break answering
+            outs = self.generate([p for _, _, p in chunk], [r["image"] for r, _, _ in chunk], image_policy="never", cfg_scale=1.0)
             for (rec, t, _), out in zip(chunk, outs):
                 results.append(
                     {
