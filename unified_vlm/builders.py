@@ -1,6 +1,7 @@
 """Turn config specs into modules, resolving ``builtin`` weights (shipped, cached, or trained once)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -51,7 +52,26 @@ def save_text_tokenizer_atomically(tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def own_hyperparameters():
+    """Run a nested Lightning job (training a missing built-in asset) with its own hyper-parameters.
+
+    LightningCLI instantiates the model inside a context that hands its hyper-parameters to every
+    ``save_hyperparameters()`` call; a module trained while the model is built would take the
+    CLI's instead of its own (``AttributeDict has no attribute 'num_train'``)."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
+
+
 def resolve_encoder_weights(name: str, weights: str | None) -> str | None:
+    import unified_vlm.models.encoders  # noqa: F401  (registers the encoders)
+
+    ENCODERS.get(name)  # an unknown name fails here, with the close matches
     if weights != BUILTIN or name == "vq_codes":  # vq_codes resolves builtin through build_vq_tokenizer
         return weights
     if name != "siglip":
@@ -61,7 +81,8 @@ def resolve_encoder_weights(name: str, weights: str | None) -> str | None:
         return str(found)
     from unified_vlm.models.encoder_pretrain import load_or_pretrain_encoder
 
-    return str(load_or_pretrain_encoder(None))
+    with own_hyperparameters():
+        return str(load_or_pretrain_encoder(None))
 
 
 def build_encoder(spec) -> nn.Module:
@@ -82,7 +103,10 @@ def build_vq_tokenizer(path: str | None):
         raise ValueError("no VQ tokenizer given (null): a VQ space needs a tokenizer (a local dir, a LlamaGen file or builtin)")
     if path == BUILTIN:
         found = shipped("watch_vq")
-        return VQTokenizer.from_pretrained(found) if found is not None else load_or_train_vq_tokenizer(None)
+        if found is not None:
+            return VQTokenizer.from_pretrained(found)
+        with own_hyperparameters():
+            return load_or_train_vq_tokenizer(None)
     if os.path.isfile(path):
         from unified_vlm.models.llamagen_vq import LlamaGenVQ
 

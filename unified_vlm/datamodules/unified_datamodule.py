@@ -278,7 +278,10 @@ class UnifiedDataModule(L.LightningDataModule):
 
         h = self.hparams
         if records is not None:
-            return TensorImages(RecordDataset(records, tasks=list(tasks), image_root=h.image_root, image_size=h.image_size))
+            dataset = RecordDataset(records, tasks=list(tasks), image_root=h.image_root, image_size=h.image_size)
+            if self.collator is not None and hasattr(self.collator, "num_tokens"):  # too long: say so now, not at its batch
+                dataset.check_lengths(self.collator.num_tokens, self.collator.max_length)
+            return TensorImages(dataset)
         return TensorImages(
             WatchStream(split=split, num_watches=num_watches, seed=h.seed, image_size=h.image_size, tasks=tasks, paper_hours=h.paper_hours)
         )
