@@ -25,7 +25,13 @@ NOT_ARCHITECTURE_NESTED = {"encoder": {"freeze"}, "backbone": {"gradient_checkpo
 
 
 class UnifiedTrainer(L.Trainer):
-    """``L.Trainer`` whose ``precision`` also takes ``auto`` (the default): see ``unified_vlm.precision``."""
+    """``L.Trainer`` whose ``precision`` also takes ``auto`` (the default): see ``unified_vlm.precision``.
+
+    Args:
+        precision: ``auto`` (bf16-mixed on a CUDA device with bf16 or a CPU with native bf16,
+            avx512_bf16/amx_bf16; else 32-true; logged with the reason) or any Lightning precision
+            (32-true, bf16-mixed, 16-mixed, ...), which is used as given.
+    """
 
     def __init__(self, *args: Any, precision: Union[_PRECISION_INPUT, Literal["auto"], None] = "auto", **kwargs: Any) -> None:
         super().__init__(*args, precision=resolve_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)
