@@ -142,3 +142,15 @@ def test_feature_regression_loss_type_is_selectable():
 
     spec = coerce(ImageOutputSpec, {"space": "features", "head": "feature_regression", "head_options": {"loss_type": "mse"}})
     assert spec.head_options == {"loss_type": "mse"}
+
+
+def test_architecture_comparison_ignores_sampling_and_settings_older_checkpoints_lack():
+    from unified_vlm.lightning_cli import architecture_differences
+
+    saved = {"encoder": {"name": "siglip", "freeze": True}, "image_output": {"head": "vq_classification", "loss_weight": 0.2},
+             "sampling": {"top_k": 64}, "max_length": 512}
+    configured = {"encoder": {"name": "siglip", "freeze": False}, "image_output": {"head": "vq_classification", "loss_weight": 1.0,
+                  "head_options": {}}, "sampling": {"top_k": 5}, "max_length": 512, "und_token_embedding": True}
+    assert architecture_differences(saved, configured) == []
+    configured["max_length"] = 256
+    assert architecture_differences(saved, configured) == ["model.max_length: checkpoint 512, config 256"]

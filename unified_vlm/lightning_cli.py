@@ -38,15 +38,18 @@ class UnifiedTrainer(L.Trainer):
 
 
 def architecture_differences(saved: dict, configured: dict) -> list[str]:
-    """``model.<key>: checkpoint X, config Y`` for every setting that shapes the network and differs."""
+    """``model.<key>: checkpoint X, config Y`` for every setting that shapes the network and differs.
+
+    Only settings the checkpoint records are compared: one written before a setting existed
+    (e.g. ``image_output.head_options``) was made with its default."""
     out = []
-    for key in sorted(set(saved) | set(configured)):
+    for key in sorted(saved):
         if key in NOT_ARCHITECTURE or key.startswith("_"):
             continue
         a, b = saved.get(key), configured.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             skip = NOT_ARCHITECTURE_NESTED.get(key, set())
-            for sub in sorted(set(a) | set(b)):
+            for sub in sorted(a):
                 if sub not in skip and _plain(a.get(sub)) != _plain(b.get(sub)):
                     out.append(f"model.{key}.{sub}: checkpoint {a.get(sub)!r}, config {b.get(sub)!r}")
         elif _plain(a) != _plain(b):
