@@ -63,6 +63,7 @@ def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, 
         main(config(tmp_path, tiny_vq_dir, "killed", callbacks=[crash]))
     last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
     assert last.is_file(), "the step-2 validation left no last.ckpt"  # defect 4
+    assert not list(last.parent.glob("*.part"))  # written beside and renamed into place
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["global_step"] == 2 and saved["UnifiedDataModule"]["records_consumed"] == 8
 
