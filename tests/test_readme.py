@@ -30,11 +30,46 @@ def test_readme_commands_and_configs_exist():
         assert (ROOT / path).is_file(), path
 
 
-def test_readme_options_exist():
-    accepted = {
-        "data": set(inspect.signature(UnifiedDataModule.__init__).parameters),
-        "model": set(inspect.signature(UnifiedVLM.__init__).parameters),
-        "trainer": set(inspect.signature(L.Trainer.__init__).parameters),
+def accepted_options() -> dict[str, set[str]]:
+    """Every ``--group.option`` group the CLI has, with the options it takes."""
+    from unified_vlm.callbacks import EvaluationReport, NonFiniteLossGuard, PredictionWriter, RunCheckpoint, VQAProbe
+
+    def params(fn) -> set[str]:
+        return set(inspect.signature(fn).parameters) - {"self", "args", "kwargs"}
+
+    return {
+        "data": params(UnifiedDataModule.__init__),
+        "model": params(UnifiedVLM.__init__),
+        "trainer": params(L.Trainer.__init__),
+        "report": params(EvaluationReport.__init__),
+        "predictions": params(PredictionWriter.__init__),
+        "vqa_probe": params(VQAProbe.__init__),
+        "checkpoint": params(RunCheckpoint.__init__),
+        "nonfinite": params(NonFiniteLossGuard.__init__),
     }
-    for group, name in re.findall(r"--(data|model|trainer)\.(\w+)", README):
-        assert name in accepted[group], f"--{group}.{name}"
+
+
+def test_readme_options_exist():
+    from dataclasses import fields
+
+    from unified_vlm.models import config
+
+    specs = {"encoder": config.EncoderSpec, "backbone": config.BackboneSpec, "image_output": config.ImageOutputSpec,
+             "optim": config.OptimSpec, "sampling": config.SamplingSpec}
+    accepted = accepted_options()
+    named = re.findall(r"--(\w+)\.([\w.]*\w)", README)
+    assert {"vqa_probe", "predictions"} <= {group for group, _ in named}
+    for group, option in named:
+        if (group, option) == ("group", "option"):  # the placeholder in the cookbook's first line
+            continue
+        assert group in accepted, f"--{group}.{option}: no option group {group!r}"
+        name, *rest = option.split(".")
+        assert name in accepted[group], f"--{group}.{option}"
+        if group == "model" and rest:
+            assert rest[0] in {f.name for f in fields(specs[name])}, f"--{group}.{option}"
+
+
+def test_readme_option_check_catches_a_wrong_group_and_a_wrong_option():
+    accepted = accepted_options()
+    assert "max_records" in accepted["vqa_probe"] and "output_dir" in accepted["predictions"]
+    assert "max_record" not in accepted["vqa_probe"] and "prediction" not in accepted

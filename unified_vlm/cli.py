@@ -46,6 +46,25 @@ def list_main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def config_file_errors(argv: list[str]) -> list[str]:
+    """A message per ``--config`` file that is not valid YAML, naming the file (jsonargparse names
+    only ``<unicode string>`` with a line and column)."""
+    import yaml
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    errors = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                yaml.safe_load(f)
+        except OSError:
+            continue  # a missing file is reported by the parser
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            errors.append(f"{path}: invalid YAML: " + str(err).replace('"<file>"', repr(path)).replace("<unicode string>", path))
+    return errors
+
+
 def print_help() -> None:
     print("usage: python -m unified_vlm <command> [options]\n\ncommands:")
     for name, text in LIGHTNING.items():
@@ -72,6 +91,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         close = difflib.get_close_matches(command, list(LIGHTNING) + list(TOOLS), n=2)
         print(f"unknown command {command!r}." + (f" Did you mean {' or '.join(close)}?" if close else ""), file=sys.stderr)
         print_help()
+        return 2
+    errors = config_file_errors(argv)
+    if errors:
+        for error in errors:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     from unified_vlm.lightning_cli import run_lightning_cli
 

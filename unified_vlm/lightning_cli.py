@@ -1,35 +1,144 @@
 """LightningCLI wiring for UnifiedVLM + UnifiedDataModule."""
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import lightning as L
+import torch
+from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from unified_vlm.callbacks import EvaluationReport, GenerationProbe, PredictionWriter, VQAProbe
+from unified_vlm.callbacks import (
+    EvaluationReport,
+    GenerationProbe,
+    NonFiniteLossGuard,
+    PredictionWriter,
+    RunCheckpoint,
+    VQAProbe,
+)
 from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
 from unified_vlm.models.unified import UnifiedVLM
+from unified_vlm.precision import resolve_precision
+
+log = logging.getLogger(__name__)
+
+# Model settings that do not change the network: a checkpoint is usable under any values of these.
+NOT_ARCHITECTURE = {"sampling", "optim", "text_loss_average", "text_tokenizer"}
+NOT_ARCHITECTURE_NESTED = {"encoder": {"freeze"}, "backbone": {"gradient_checkpointing"},
+                           "image_output": {"loss_weight", "prompt_dropout"}}
+
+
+class UnifiedTrainer(L.Trainer):
+    """``L.Trainer`` whose ``precision`` also takes ``auto`` (the default): see ``unified_vlm.precision``.
+
+    Args:
+        precision: ``auto`` (bf16-mixed on a CUDA device with bf16 or a CPU with native bf16,
+            avx512_bf16/amx_bf16; else 32-true; logged with the reason) or any Lightning precision
+            (32-true, bf16-mixed, 16-mixed, ...), which is used as given.
+    """
+
+    def __init__(self, *args: Any, precision: Union[_PRECISION_INPUT, Literal["auto"], None] = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, precision=resolve_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)
+
+
+def architecture_differences(saved: dict, configured: dict) -> list[str]:
+    """``model.<key>: checkpoint X, config Y`` for every setting that shapes the network and differs.
+
+    Only settings the checkpoint records are compared: one written before a setting existed
+    (e.g. ``image_output.head_options``) was made with its default."""
+    out = []
+    for key in sorted(saved):
+        if key in NOT_ARCHITECTURE or key.startswith("_"):
+            continue
+        a, b = saved.get(key), configured.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            skip = NOT_ARCHITECTURE_NESTED.get(key, set())
+            for sub in sorted(a):
+                if sub not in skip and _plain(a.get(sub)) != _plain(b.get(sub)):
+                    out.append(f"model.{key}.{sub}: checkpoint {a.get(sub)!r}, config {b.get(sub)!r}")
+        elif _plain(a) != _plain(b):
+            out.append(f"model.{key}: checkpoint {a!r}, config {b!r}")
+    return out
+
+
+def _plain(value):
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 class UnifiedCLI(LightningCLI):
     """Adds an always-on evaluation report and checkpointing, and scores the model after ``fit``."""
+
+    def __init__(self, *args: Any, argv: Optional[list[str]] = None, **kwargs: Any) -> None:
+        self._argv = list(argv or [])
+        super().__init__(*args, args=argv, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(EvaluationReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(VQAProbe, "vqa_probe")
         parser.add_lightning_class_args(GenerationProbe, "generation_probe")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_argument("--test_after_fit", type=bool, default=True, help="score the trained model on the test split after fit")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the whole model config by the checkpoint's hyper-parameters, dropping
+        command-line options without a word. Here the config decides: a checkpoint whose network
+        differs from it is refused, and the config's (command line's) sampling settings are used.
+        Without any ``--config`` or ``--model.*`` option, the checkpoint's model is used (logged)."""
+        sub = self.config.get("subcommand")
+        if not sub:
+            return
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        saved = {k: v for k, v in saved.items() if not k.startswith("_")}
+        if not saved:
+            return
+        configured = self.config[sub].model.as_dict()
+        gave_model = any(a == "--config" or a.startswith(("--config=", "--model.")) and not a.startswith("--model.sampling.")
+                         for a in self._argv)
+        if gave_model:
+            differences = architecture_differences(saved, configured)
+            if differences:
+                raise ValueError(
+                    f"checkpoint {ckpt_path} holds a different model than the config:\n  " + "\n  ".join(differences)
+                    + "\nUse the run's own config ($RUN/config.yaml) with its checkpoint, or drop --config to use the checkpoint's model"
+                )
+            return  # same network: the config (with its command-line options) decides everything else
+        log.info("no --config given: using the model stored in %s", ckpt_path)
+        cli_sampling = {a.split("=")[0].removeprefix("--model.sampling.") for a in self._argv if a.startswith("--model.sampling.")}
+        given = configured.get("sampling", {})
+        saved = dict(saved, sampling={**saved.get("sampling", {}), **{k: given[k] for k in cli_sampling if k in given}})
+        self.config = self.parser.parse_object({sub: {"model": saved}}, self.config)
+
     def before_instantiate_classes(self) -> None:
-        """Train (once) and cache any missing built-in weights the model config names, before the
-        model is built (its constructor only looks them up)."""
+        optim = self.config[self.subcommand].model.get("optim") or {}
+        for name in ("lr", "projector_lr", "weight_decay"):
+            value = optim.get(name) if hasattr(optim, "get") else getattr(optim, name, None)
+            if value is not None and value < 0:
+                raise ValueError(f"model.optim.{name}={value} is negative: the loss would climb; give a positive value")
+        if self.subcommand == "fit":
+            trainer = self.config[self.subcommand].trainer
+            if trainer.max_steps == 0 or trainer.max_epochs == 0:
+                raise ValueError(
+                    f"fit with trainer.max_steps={trainer.max_steps} / max_epochs={trainer.max_epochs} trains nothing "
+                    "and would score an untrained model as if trained; give a positive number of steps"
+                )
+        # Train (once) and cache any missing built-in weights the model config names, before the model
+        # is built (its constructor only looks them up).
         from unified_vlm.pretraining.build_assets import prepare_builtin_assets
 
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        model = config.get("model")
+        model = self.config[self.subcommand].get("model")
         prepare_builtin_assets(model.as_dict() if hasattr(model, "as_dict") else dict(model or {}))
 
     def after_fit(self) -> None:
@@ -42,6 +151,7 @@ def run_lightning_cli(argv: list[str]) -> UnifiedCLI:
     return UnifiedCLI(
         UnifiedVLM,
         UnifiedDataModule,
-        args=argv,
+        trainer_class=UnifiedTrainer,
+        argv=argv,
         save_config_kwargs={"overwrite": True},
     )

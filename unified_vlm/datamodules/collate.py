@@ -88,6 +88,10 @@ class ConversationCollator:
         put(self._newline, False)
         return ids, labels
 
+    def num_tokens(self, record: dict) -> int:
+        """Tokens ``encode`` makes of ``record``, without its image (to check lengths when a file loads)."""
+        return 2 + sum(len(self._turn(turn["from"], turn["value"])[0]) for turn in record["conversations"])
+
     def encode(self, record: dict) -> dict:
         """One record -> ``input_ids``, ``labels`` (LongTensor, same length) and its und/gen image."""
         rid = record.get("id", "?")

@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
             "deterministic in (seed, split, index) and identical to what the streamed dataset yields."
         ),
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder (one folder per split)")
+    parser.add_argument("--out", type=Path, help="output folder (one folder per split); required unless --check")
+    parser.add_argument("--check", type=Path, metavar="RECORDS",
+                        help="instead of rendering: validate RECORDS (.json/.jsonl) and decode every image it names")
+    parser.add_argument("--image-root", type=Path, default=None, help="with --check: image folder (default: the file's folder)")
     parser.add_argument("--split", default="train", help="split name; different splits never share a watch (default: train)")
     parser.add_argument(
         "--num-watches", type=int, default=None,
@@ -172,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check is not None:
+        return check_main(args.check, args.image_root)
+    if args.out is None:
+        parser.error("--out is required (or --check RECORDS)")
     try:
         variant = load_variant(args.variant) if args.variant is not None else None
         path = materialize(
@@ -184,6 +192,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(path)
+    return 0
+
+
+def check_main(records: Path, image_root: Path | None) -> int:
+    """``data --check``: every record valid and every image decodable; problems name file and line."""
+    from unified_vlm.datamodules.records import RecordError, check_record_images
+
+    try:
+        problems = check_record_images(records, image_root)
+    except (RecordError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} image(s) cannot be read", file=sys.stderr)
+        return 2
+    print(f"{records}: every record and image is readable")
     return 0
 
 

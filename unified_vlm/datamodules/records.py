@@ -37,7 +37,14 @@ def _check_tasks(tasks: Sequence[str] | None) -> None:
 
 def _parse(path: Path) -> list[tuple[str, Any]]:
     """(location, parsed object) pairs; JSON array if the first non-space character is '['."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise RecordError(f"{path}: line {line}, column {column}: not UTF-8 text (byte 0x{raw[err.start]:02x}); "
+                          "record files must be UTF-8 encoded") from None
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -106,16 +113,43 @@ def load_records(
     Image paths are relative to ``image_root`` (default: the records file's folder) and must exist
     when ``check_images``.
     """
+    return [record for _, record in load_located_records(path, tasks, check_images, image_root)]
+
+
+def load_located_records(
+    path: str | Path,
+    tasks: Sequence[str] | None = None,
+    check_images: bool = True,
+    image_root: str | Path | None = None,
+) -> list[tuple[str, dict]]:
+    """``load_records`` with each record's location (``"<file>: line N"``), for later error messages."""
     _check_tasks(tasks)
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    records = []
+    located = []
     for where, record in _parse(path):
         validate_record(record, where, root if check_images else None)
-        records.append(record)
+        located.append((where, record))
     if tasks is not None:
-        records = [r for r in records if r["task"] in tasks]
-    return records
+        located = [(w, r) for w, r in located if r["task"] in tasks]
+    return located
+
+
+def check_record_images(path: str | Path, image_root: str | Path | None = None) -> list[str]:
+    """Decode every image a records file names; one ``"<file>: line N: image ...: problem"`` per bad one.
+
+    Catches what a file-exists check cannot (a truncated or corrupt PNG) before training starts."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    problems = []
+    for where, record in load_located_records(path, check_images=False, image_root=root):
+        image = root / record["image"]
+        try:
+            with Image.open(image) as raw:
+                raw.load()
+        except (OSError, SyntaxError, ValueError) as err:
+            problems.append(f"{where}: image {image}: {err}")
+    return problems
 
 
 def load_image(path: str | Path, image_size: int | None = None) -> Image.Image:
@@ -145,12 +179,31 @@ class RecordDataset(torch.utils.data.Dataset):
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.image_size = image_size
-        self.records = load_records(self.path, tasks=tasks, check_images=True, image_root=self.image_root)
+        located = load_located_records(self.path, tasks=tasks, check_images=True, image_root=self.image_root)
+        self.locations = [where for where, _ in located]
+        self.records = [record for _, record in located]
         if not self.records:
             raise RecordError(f"{self.path}: no records" + (f" for tasks {list(tasks)}" if tasks is not None else ""))
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _image(self, i: int) -> Image.Image:
+        path = self.image_root / self.records[i]["image"]
+        try:
+            return load_image(path, self.image_size)
+        except (OSError, SyntaxError, ValueError) as err:  # PIL: truncated / corrupt files
+            raise RecordError(f"{self.locations[i]}: image {path} cannot be read: {err} "
+                              f"(check every image first: python -m unified_vlm data --check {self.path})") from err
+
+    def check_lengths(self, count_tokens, max_length: int) -> None:
+        """Raise naming every record (file and line, first 5) longer than ``max_length`` tokens."""
+        long = [(where, n) for where, record in zip(self.locations, self.records)
+                if (n := count_tokens(record)) > max_length]
+        if long:
+            shown = "; ".join(f"{where}: {n} tokens" for where, n in long[:5])
+            raise RecordError(f"{len(long)} record(s) exceed max_length={max_length} (model.max_length): {shown}"
+                              + (" ..." if len(long) > 5 else ""))
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
@@ -158,7 +211,7 @@ class RecordDataset(torch.utils.data.Dataset):
             "id": record.get("id", f"{self.path.stem}-{i}"),
             "task": record["task"],
             "conversations": record["conversations"],
-            "image": load_image(self.image_root / record["image"], self.image_size),
+            "image": self._image(i),
             "image_path": record["image"],
             "attributes": record.get("attributes"),
         }

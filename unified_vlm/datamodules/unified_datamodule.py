@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import random
 from typing import Any, Optional
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from unified_vlm.datamodules.variants import DataVariant, VariantError
 
@@ -98,7 +100,7 @@ class PromptDataset(Dataset):
         }
 
 
-class TaskMixSampler(Sampler[int]):
+class TaskMixSampler(DistributedSampler):
     """Shuffled record order with per-task weights and, optionally, task-homogeneous batches.
 
     ``proportions`` (task -> weight) draws each epoch's ``len(tasks)`` records with replacement
@@ -106,33 +108,54 @@ class TaskMixSampler(Sampler[int]):
     into runs of ``chunk`` records of one task (each task's remainder run comes at the end of the
     epoch, where the last few batches may mix tasks), so a batch holds one task and is padded only to
     that task's lengths (short VQA prompts are not padded to the length of image-generation
-    sequences). Use chunk = per-device batch x world size: Lightning's distributed wrapper deals
-    indices round-robin, so each rank then still gets a one-task batch. Reshuffled by set_epoch.
+    sequences). Reshuffled by set_epoch.
 
     ``lengths`` with ``length_pool`` > 1 (needs chunk > 1) also groups by length, as Hugging Face's
     ``group_by_length``: each run of ``length_pool`` chunks of one task is sorted by length and
     cut again, so a batch holds records of similar length (VQA records of 1 to 4 turns are padded
     to their neighbours', not to the longest of a random draw). The chunks are still shuffled.
+
+    Distributed (``num_replicas`` > 1): every rank draws the same global order and takes its
+    ``batch_size`` slice of each global batch of ``batch_size x num_replicas`` records, so the
+    ranks together see exactly the batches one process would (one task per batch with
+    chunk = global micro batch); the order is padded from its start to whole global batches so every
+    rank makes the same number of steps. It subclasses ``DistributedSampler`` only so that
+    Lightning does not wrap it in its own distributed sampler (which would reshuffle the mix).
+
+    ``resume_from(epoch, start)`` skips the first ``start`` indices of this rank's order in that
+    epoch: a run resumed from a mid-epoch checkpoint continues the data where it stopped.
     """
 
     def __init__(self, tasks: list[str], proportions: Optional[dict[str, float]] = None, chunk: int = 1, seed: int = 0,
-                 lengths: Optional[list[int]] = None, length_pool: int = 1) -> None:
+                 lengths: Optional[list[int]] = None, length_pool: int = 1, batch_size: int = 1,
+                 num_replicas: int = 1, rank: int = 0) -> None:
         if lengths is not None and len(lengths) != len(tasks):
             raise ValueError(f"lengths has {len(lengths)} entries for {len(tasks)} records")
         if length_pool < 1:
             raise ValueError(f"length_pool must be >= 1, got {length_pool}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(tasks, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
         self.tasks, self.proportions, self.chunk, self.seed, self.epoch = tasks, proportions, max(1, chunk), seed, 0
+        self.batch_size = batch_size
         self.lengths = torch.tensor(lengths) if lengths is not None else None
         self.length_pool = length_pool
         self.by_task: dict[str, list[int]] = {}
         for index, task in enumerate(tasks):
             self.by_task.setdefault(task, []).append(index)
+        self._resume: Optional[tuple[int, int]] = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_from(self, epoch: int, start: int) -> None:
+        self._resume = (epoch, start)
+
     def __len__(self) -> int:
-        return len(self.tasks)
+        if self.num_replicas == 1:
+            return len(self.tasks)
+        span = self.batch_size * self.num_replicas
+        return math.ceil(len(self.tasks) / span) * self.batch_size
 
     def _draw(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         if self.proportions is None:
@@ -147,19 +170,33 @@ class TaskMixSampler(Sampler[int]):
             out[task] = torch.tensor(ix)[torch.randint(len(ix), (n,), generator=generator)]
         return out
 
-    def __iter__(self):
+    def global_order(self) -> list[int]:
+        """This epoch's order as one process sees it (every rank computes the same)."""
         generator = torch.Generator().manual_seed(self.seed + 1000003 * self.epoch)
         drawn = self._draw(generator)
         if self.chunk == 1:
             order = torch.cat(list(drawn.values()))
-            return iter(order[torch.randperm(len(order), generator=generator)].tolist())
+            return order[torch.randperm(len(order), generator=generator)].tolist()
         if self.lengths is not None and self.length_pool > 1:
             drawn = {task: self._sort_pools(ix) for task, ix in drawn.items()}
         chunks = [ix[i:i + self.chunk] for ix in drawn.values() for i in range(0, len(ix), self.chunk)]
         full = [c for c in chunks if len(c) == self.chunk]
         partial = [c for c in chunks if len(c) < self.chunk]  # last, so they cannot shift later batches
         order = [full[k] for k in torch.randperm(len(full), generator=generator).tolist()] + partial
-        return iter([i for c in order for i in c.tolist()])
+        return [i for c in order for i in c.tolist()]
+
+    def __iter__(self):
+        order = self.global_order()
+        if self.num_replicas > 1:
+            span = self.batch_size * self.num_replicas
+            total = len(self) * self.num_replicas  # whole global batches, padded from the start
+            order = (order * math.ceil(total / max(1, len(order))))[:total]
+            mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            order = [i for g in range(0, len(order), span) for i in order[g:g + span][mine]]
+        if self._resume is not None and self._resume[0] == self.epoch:
+            order = order[self._resume[1]:]
+            self._resume = None
+        return iter(order)
 
     def _sort_pools(self, ix: torch.Tensor) -> torch.Tensor:
         """Sort each run of ``length_pool * chunk`` indices by length (stable, so ties keep the shuffle)."""
@@ -235,6 +272,7 @@ class UnifiedDataModule(L.LightningDataModule):
         self.mode, self.proportions = mode, proportions
         self.collator = collator
         self.datasets: dict[str, Dataset] = {}
+        self._resume: Optional[dict[str, int]] = None
 
     # ------------------------------------------------------------------ sizes
     def micro_batch_size(self) -> int:
@@ -258,7 +296,10 @@ class UnifiedDataModule(L.LightningDataModule):
 
         h = self.hparams
         if records is not None:
-            return TensorImages(RecordDataset(records, tasks=list(tasks), image_root=h.image_root, image_size=h.image_size))
+            dataset = RecordDataset(records, tasks=list(tasks), image_root=h.image_root, image_size=h.image_size)
+            if self.collator is not None and hasattr(self.collator, "num_tokens"):  # too long: say so now, not at its batch
+                dataset.check_lengths(self.collator.num_tokens, self.collator.max_length)
+            return TensorImages(dataset)
         return TensorImages(WatchStream(split=split, num_watches=num_watches, seed=h.seed, image_size=h.image_size, tasks=tasks,
                                         paper_hours=h.paper_hours, variant=self.variant))
 
@@ -281,14 +322,48 @@ class UnifiedDataModule(L.LightningDataModule):
         if stage == "predict" and h.predict_prompts is not None:
             self.datasets["predict"] = PromptDataset(h.predict_prompts)
 
-    def _sampler(self, dataset: TensorImages) -> Optional[TaskMixSampler]:
-        if self.proportions is None and not self.hparams.group_by_task:
-            return None  # plain shuffling, the paper's setting
-        world = self.trainer.world_size if self.trainer is not None else 1
-        chunk = self.micro_batch_size() * world if self.hparams.group_by_task else 1
+    def _sampler(self, dataset: TensorImages) -> TaskMixSampler:
+        """The training order: always our own sampler, so DDP keeps the mix and resume can skip."""
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        micro = self.micro_batch_size()
+        chunk = micro * world if self.hparams.group_by_task else 1
         by_length = self.hparams.group_by_task and self.hparams.length_pool > 1
-        return TaskMixSampler(dataset.tasks(), self.proportions, chunk=chunk, seed=self.hparams.seed,
-                              lengths=dataset.text_lengths() if by_length else None, length_pool=self.hparams.length_pool)
+        sampler = TaskMixSampler(dataset.tasks(), self.proportions, chunk=chunk, seed=self.hparams.seed,
+                                 lengths=dataset.text_lengths() if by_length else None, length_pool=self.hparams.length_pool,
+                                 batch_size=micro, num_replicas=world, rank=rank)
+        if self._resume is not None:
+            epoch, consumed = self._resume["epoch"], self._resume["records_consumed"]
+            span = micro * world
+            if consumed % span:
+                log.warning("resume: %d records were consumed with another batch layout; continuing at a whole batch", consumed)
+            sampler.resume_from(epoch, (consumed // span) * micro)
+            self._resume = None
+        return sampler
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the data, saved in every checkpoint: the epoch, the records the
+        optimiser has consumed in it (over all ranks) and the global RNG states (prompt dropout)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {
+            "epoch": trainer.current_epoch,
+            "records_consumed": processed * self.micro_batch_size() * trainer.world_size,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume: the next training loader skips what the checkpointed run had consumed."""
+        if not state_dict or "records_consumed" not in state_dict:
+            return
+        self._resume = {"epoch": int(state_dict["epoch"]), "records_consumed": int(state_dict["records_consumed"])}
+        rng = state_dict.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "python" in rng:
+            random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
 
     def _loader(self, dataset, batch_size, shuffle, collate_fn, sampler=None) -> DataLoader:
         workers = self.hparams.num_workers

@@ -64,6 +64,9 @@ class ImageOutputSpec:
     ``train-feature-decoder``, or ``retrieval:N`` (nearest of N training watches by feature)."""
     head: str = "vq_classification"
     """Registered output head."""
+    head_options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the head, e.g. ``{loss_type: mse}`` for ``feature_regression``
+    (``cosine``, 1 - cosine similarity, is its default)."""
     loss_weight: float = 0.2
     """alpha in loss = text CE + alpha * image loss (paper: 0.2 for VQ heads, 1.0 for continuous)."""
     projector: str = "linear"
@@ -90,6 +93,11 @@ class OptimSpec:
     """Fraction of the total steps spent in linear warmup (paper: 0.03)."""
     min_lr_ratio: float = 0.1
     """Cosine decays to lr * min_lr_ratio."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "projector_lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.{name} must not be negative, got {getattr(self, name)} (the loss would climb)")
 
 
 @dataclass

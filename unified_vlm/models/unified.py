@@ -270,10 +270,11 @@ class UnifiedVLM(L.LightningModule):
                 f"{'discrete' if self.output_space.discrete else 'continuous'} targets need "
                 f"{'vq_classification' if self.output_space.discrete else 'feature_regression'}"
             )
+        head_options = dict(image_output.head_options)
         if self.output_space.discrete:
-            self.head = HEADS.create(image_output.head, hidden_size=hidden, codebook_size=self.output_space.target_size)
+            self.head = HEADS.create(image_output.head, hidden_size=hidden, codebook_size=self.output_space.target_size, **head_options)
         else:
-            self.head = HEADS.create(image_output.head, hidden_size=hidden, feature_dim=self.output_space.feature_dim)
+            self.head = HEADS.create(image_output.head, hidden_size=hidden, feature_dim=self.output_space.feature_dim, **head_options)
         self.alpha = image_output.loss_weight
         self.collator = ConversationCollator(
             tokenizer=self.tokenizer,
@@ -393,6 +394,8 @@ class UnifiedVLM(L.LightningModule):
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         out = self(batch)
         bs = batch["input_ids"].shape[0]
+        if stage == "train":  # read by NonFiniteLossGuard only when the loss is not finite
+            self.last_loss_terms = {k: v.detach() for k, v in out.items()}
         self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=stage != "train")
         self.log(f"{stage}/text_loss", out["text_loss"], prog_bar=stage == "train", batch_size=bs, sync_dist=stage != "train")
         self.log(f"{stage}/image_loss", out["image_loss"], prog_bar=stage == "train", batch_size=bs, sync_dist=stage != "train")
@@ -603,7 +606,8 @@ class UnifiedVLM(L.LightningModule):
         results = []
         for start in range(0, len(jobs), 64):
             chunk = jobs[start:start + 64]
-            outs = self.generate([p for _, _, p in chunk], [r["image"] for r, _, _ in chunk], image_policy="never")
+            # cfg_scale 1: guidance is for text-to-image prompts; sampling.cfg_scale must not break answering
+            outs = self.generate([p for _, _, p in chunk], [r["image"] for r, _, _ in chunk], image_policy="never", cfg_scale=1.0)
             for (rec, t, _), out in zip(chunk, outs):
                 results.append(
                     {
@@ -707,8 +711,10 @@ class UnifiedVLM(L.LightningModule):
         staged.load_init_weights(self)
         if self.trainer.is_global_zero:
             log.info("parameters per module:\n%s", self.format_parameter_table())
-        if self.trainer.is_global_zero and self.trainer.logger is not None and self.trainer.log_dir:
-            self.tokenizer.save_pretrained(os.path.join(self.trainer.log_dir, "tokenizer"))
+        # trainer.log_dir broadcasts from rank 0: every rank must read it, or DDP waits forever.
+        log_dir = self.trainer.log_dir if self.trainer.logger is not None else None
+        if self.trainer.is_global_zero and log_dir:
+            self.tokenizer.save_pretrained(os.path.join(log_dir, "tokenizer"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         from unified_vlm.text_tokenizer import tokenizer_to_json

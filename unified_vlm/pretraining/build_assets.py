@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 from unified_vlm.assets import ASSETS_DIR, BUILTIN, BUILTIN_ASSETS, cached, find_builtin, require_builtin
 from unified_vlm.files import publish_dir
-from unified_vlm.pretraining.common import torch_threads
+from unified_vlm.pretraining.common import own_hyperparameters, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def build_part(part: str, directory: str | Path, minutes: Optional[float] = None
     minutes = BUILTIN_ASSETS[part].minutes if minutes is None else minutes
 
     def write(tmp: str) -> None:
-        with torch_threads(threads):
+        with torch_threads(threads), own_hyperparameters():
             if part == "tokenizer":
                 from unified_vlm.pretraining.text_tokenizer import train_watch_tokenizer
 

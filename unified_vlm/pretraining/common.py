@@ -96,6 +96,20 @@ def steps_for_minutes(minutes: float, seconds_per_step: float) -> int:
 
 
 @contextlib.contextmanager
+def own_hyperparameters() -> Iterator[None]:
+    """Run a part-training job with its own hyper-parameters, also when called while LightningCLI
+    instantiates classes: that context hands the CLI's hyper-parameters to every
+    ``save_hyperparameters()`` call (``AttributeDict has no attribute 'num_train'``)."""
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
+
+
+@contextlib.contextmanager
 def torch_threads(threads: Optional[int]) -> Iterator[None]:
     """Run with ``threads`` torch CPU threads (None: leave as is); the count is restored after."""
     before = torch.get_num_threads()
