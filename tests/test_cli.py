@@ -83,6 +83,13 @@ def test_fit_then_test_from_checkpoint(config, tmp_path, tiny_vq_dir, capsys):
     scores = json.loads((run / "test_scores.json").read_text())
     assert scores["summary"]["all_turns"]["count"] > 0
     assert (run / "generation_grid.png").is_file()
+    generation = scores["generation"]  # both directions are measured (issue 10)
+    assert generation["requested"] == 3 and generation["renderer"]
+    if generation["generated"] >= 2:
+        assert 0 <= generation["faithfulness"]["total"] <= 1 and generation["faithfulness"]["count"] == generation["generated"]
+        assert generation["frechet"]["low"] <= generation["frechet"]["fd"] <= generation["frechet"]["high"]
+        assert generation["frechet"]["n_real"] == 1000
+    assert scores["captions"]["total"]["count"] == 3
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"val/vqa/total", "val/vqa/weather"} <= set(header)  # the VQA probe scored the validation split
     out = capsys.readouterr().out
@@ -93,6 +100,46 @@ def test_fit_then_test_from_checkpoint(config, tmp_path, tiny_vq_dir, capsys):
     main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "retest")])
     rescored = json.loads((tmp_path / "retest" / "test_scores.json").read_text())
     assert rescored["summary"] == scores["summary"]  # greedy decoding of the same weights
+
+
+def test_evaluate_scores_every_checkpoint_of_a_run(tmp_path, tiny_vq_dir, capsys):
+    tiny = tiny_overrides(tmp_path, tiny_vq_dir)
+    main(["fit", "--config", str(MAIN_CONFIG), "--config", str(tiny), "--test_after_fit", "false",
+          "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1",
+          "--generation_probe.max_images", "2", "--generation_probe.fd_reference", "8"])
+    run = tmp_path / "version_0"
+    assert {"val/gen/total", "val/gen/fd"} <= set((run / "metrics.csv").read_text().splitlines()[0].split(","))
+    assert list((run / "probe").glob("generation_step*.png"))  # the probe's grid of the validation prompts
+    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert len(checkpoints) >= 2 and "last.ckpt" in checkpoints
+    assert main(["evaluate", str(run), "--report.fd_reference", "16", "--report.bootstrap", "5"]) == 0
+    rows = json.loads((run / "evaluation.json").read_text())
+    assert [r["checkpoint"] for r in rows][-1] == "last.ckpt" and len(rows) == len(checkpoints)
+    assert all(isinstance(r["all_turns/total"], float) and "captions/total/precision" in r for r in rows)
+    assert rows[-1]["step"] == 3
+    assert (run / "evaluation.csv").read_text().startswith("checkpoint,step,")
+    stamp = (run / "evaluation" / "last" / "test_scores.json").stat().st_mtime
+    assert main(["evaluate", str(run), "--checkpoints", "last"]) == 0  # scored already: not tested again
+    assert (run / "evaluation" / "last" / "test_scores.json").stat().st_mtime == stamp
+
+
+def test_evaluate_refuses_what_it_cannot_score(tmp_path, capsys):
+    empty = tmp_path / "run"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(empty)])
+    assert "has no checkpoint" in capsys.readouterr().err
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    records = tmp_path / "vqa_only.jsonl"
+    records.write_text(json.dumps({"id": "a", "task": "vqa", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat time is it?"}, {"from": "gpt", "value": "10:08:30"}]}) + "\n")
+    (empty / "checkpoints" / "last.ckpt").write_text("not used")
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(empty), "--test-records", str(records)])
+    assert "no generation records" in capsys.readouterr().err
 
 
 def test_vqa_probe_rejects_a_negative_record_count():

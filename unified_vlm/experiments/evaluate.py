@@ -50,9 +50,12 @@ def check_test_records(path: Optional[str], need_generation: bool) -> None:
     """A LLaVA-schema test file must exist and, for generation metrics, hold generation records."""
     if path is None:
         return
-    from unified_vlm.datamodules.records import load_records
+    from unified_vlm.datamodules.records import RecordError, load_records
 
-    records = load_records(path)
+    try:
+        records = load_records(path)
+    except (RecordError, OSError) as err:
+        raise EvaluateError(f"--test-records: {err}") from err
     if need_generation and not any(r.get("task") == "generation" for r in records):
         raise EvaluateError(
             f"{path} has no generation records, so no generation metric can be computed: add records with "
