@@ -18,6 +18,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "train-vq": ("unified_vlm.models.vq_module:main", "train the VQ image tokenizer on watch images"),
     "train-feature-decoder": ("unified_vlm.models.feature_decoder:main", "train a pixel decoder for continuous (SigLIP) output features"),
     "build-assets": ("unified_vlm.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
+    "experiment": ("unified_vlm.experiments.runner:main", "run the cells of an experiment file (resumable; --dry-run, --workers, SLURM)"),
+    "report": ("unified_vlm.experiments.report:main", "tables (mean ± std over seeds) and figures of an experiment's cells"),
 }
 LIGHTNING = {
     "fit": "train a model (then score it on the test split)",
