@@ -122,6 +122,9 @@ def dump(namespace) -> dict[str, Any]:
 def _explain(message: str, known: list[str]) -> str:
     """The parser's message, with a 'did you mean' for unknown keys."""
     unknown = re.findall(r"--([A-Za-z_][\w.]*)", message) if "unrecognized arguments" in message else []
+    parent = re.search(r'Parser key "([^"]+)"', message)
+    if parent:
+        unknown += [f"{parent.group(1)}.{o}" for o in re.findall(r"Option '([^']+)' is not accepted", message)]
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
@@ -147,7 +150,7 @@ def _record_counts(data_json: str) -> dict[str, int]:
 
 
 def _world_size(trainer) -> int:
-    devices = trainer.devices
+    devices = trainer.get("devices")
     if isinstance(devices, (list, tuple)):
         n = len(devices)
     elif isinstance(devices, int) and devices > 0:
@@ -156,7 +159,7 @@ def _world_size(trainer) -> int:
         n = int(devices)
     else:
         n = 1  # "auto" / -1: one process on CPU; set trainer.devices to a number for an exact step count on GPUs
-    return n * int(trainer.num_nodes or 1)
+    return n * int(trainer.get("num_nodes") or 1)
 
 
 def regime_overrides(regime: str, config) -> tuple[dict[str, Any], list[str]]:
@@ -169,17 +172,17 @@ def regime_overrides(regime: str, config) -> tuple[dict[str, Any], list[str]]:
     """
     from unified_vlm.datamodules.unified_datamodule import MODES
 
-    data, trainer = config.data, config.trainer
-    if data.mode != "mixed":
-        raise ValueError(f"the regime axis starts from a mixed config, but data.mode is {data.mode!r}; set data.mode: mixed in the base")
+    data, trainer = config["data"], config["trainer"]
+    if data["mode"] != "mixed":
+        raise ValueError(f"the regime axis starts from a mixed config, but data.mode is {data['mode']!r}; set data.mode: mixed in the base")
     if regime == "mixed":
         return {}, []
     mode, kind = MODE_OF_REGIME[regime], regime.rsplit("_", 1)[1]
     tasks = MODES[mode]
-    proportions = dict(data.proportions) if data.proportions is not None else None
-    max_steps = trainer.max_steps if trainer.max_steps is not None else -1
-    max_epochs = trainer.max_epochs
-    data_json = json.dumps(data.as_dict(), sort_keys=True, default=str)
+    proportions = dict(data["proportions"]) if data.get("proportions") is not None else None
+    max_steps = trainer.get("max_steps") if trainer.get("max_steps") is not None else -1
+    max_epochs = trainer.get("max_epochs")
+    data_json = json.dumps(data, sort_keys=True, default=str)
     counts: Optional[dict[str, int]] = None
     if proportions is None or max_steps <= 0 or (max_epochs is not None and max_epochs > 0):
         counts = _record_counts(data_json)
@@ -188,19 +191,19 @@ def regime_overrides(regime: str, config) -> tuple[dict[str, Any], list[str]]:
         steps = max_steps
         notes.append(f"mixed run: trainer.max_steps {max_steps}")
     if max_steps <= 0 or (max_epochs is not None and max_epochs > 0):
-        if trainer.limit_train_batches not in (None, 1.0):
+        if trainer.get("limit_train_batches") not in (None, 1.0):
             raise ValueError("trainer.limit_train_batches is set: the mixed run's step count is unclear; set trainer.max_steps instead")
         if max_epochs is not None and max_epochs < 0 and max_steps <= 0:
             raise ValueError("the mixed run has no end (max_steps and max_epochs both -1); set trainer.max_steps")
         epochs = max_epochs if max_epochs is not None and max_epochs > 0 else DEFAULT_MAX_EPOCHS
-        world, accumulate = _world_size(trainer), int(trainer.accumulate_grad_batches or 1)
-        micro = max(1, data.global_batch_size // (world * accumulate))
+        world, accumulate = _world_size(trainer), int(trainer.get("accumulate_grad_batches") or 1)
+        micro = max(1, data["global_batch_size"] // (world * accumulate))
         records = sum(counts.values())
         per_epoch = math.ceil(math.ceil(math.ceil(records / world) / micro) / accumulate)
         by_epochs = epochs * per_epoch
         if max_steps <= 0 or by_epochs < max_steps:
             steps = by_epochs
-            notes.append(f"mixed run: {epochs} epoch(s) x ceil({records} records / {data.global_batch_size}) = {steps} steps")
+            notes.append(f"mixed run: {epochs} epoch(s) x ceil({records} records / {data['global_batch_size']}) = {steps} steps")
     if proportions is not None:
         total = sum(proportions.values())
         share = sum(proportions.get(t, 0.0) for t in tasks) / total
@@ -226,43 +229,46 @@ def regime_overrides(regime: str, config) -> tuple[dict[str, Any], list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ planning
+PLACEHOLDER = Path("/__cell_directory__")
+
+
+@lru_cache(maxsize=512)
+def _resolved_text(configs: tuple[Path, ...], overrides_json: str) -> str:
+    """The resolved config (YAML, cell directory as ``PLACEHOLDER``) of configs + overrides; cached,
+    since parsing costs about a second and many cells share everything but their directory and seed."""
+    return yaml.safe_dump(dump(parse(fit_args(list(configs), json.loads(overrides_json), PLACEHOLDER))), sort_keys=False)
+
+
+def resolve(configs: list[Path], overrides: dict[str, Any], directory: Path, free: set[str] = frozenset()) -> dict[str, Any]:
+    """The resolved config of a cell. Keys in ``free`` (integer seeds, whose keys and type another
+    cell of the group already passed) are substituted instead of parsed again."""
+    parsed = {k: v for k, v in overrides.items() if k not in free}
+    fixed_free = {k: overrides[k] for k in sorted(free & set(overrides))}
+    text = _resolved_text(tuple(configs), json.dumps({**parsed, **{k: 0 for k in fixed_free}}, default=str))
+    config = yaml.safe_load(text.replace(str(PLACEHOLDER), str(directory)))
+    for key, value in fixed_free.items():
+        _set(config, key, value)
+    return config
+
+
 def plan_cells(spec: ExperimentSpec, out_dir: Path, cells: Optional[list[Cell]] = None) -> list[CellPlan]:
     """Resolve and check every cell (all of them, even with ``--only``, unless ``cells`` is given);
-    raises CellError listing every cell that would not run.
-
-    Parsing costs about a second per cell, so cells that differ only in their seed (integers on
-    keys another cell of the group already passed) share one parse: their resolved config is the
-    first one's with the seed and directory substituted.
-    """
+    raises CellError listing every cell that would not run."""
     out_dir = Path(out_dir).resolve()
     seed_axis = next((a for a in spec.axes if a.kind == "seed"), None)
     seed_keys = {k for o in seed_axis.overrides.values() for k in o} if seed_axis else set()
     plans, problems = [], []
     known: list[str] = []
-    regime_cache: dict[tuple, tuple[dict[str, Any], list[str]]] = {}
-    resolved: dict[tuple, tuple[Path, str]] = {}
     for cell in spec.cells() if cells is None else cells:
         directory = out_dir / cell.id
         overrides = dict(cell.overrides)
         notes: list[str] = []
         try:
             if cell.regime is not None:
-                key = (tuple(cell.configs), json.dumps(overrides, sort_keys=True, default=str), cell.regime)
-                if key not in regime_cache:
-                    regime_cache[key] = regime_overrides(cell.regime, parse(fit_args(cell.configs, overrides, out_dir / "_regime")))
-                extra, notes = regime_cache[key]
+                extra, notes = regime_overrides(cell.regime, resolve(cell.configs, overrides, directory, seed_keys))
                 overrides.update(extra)
-            args = fit_args(cell.configs, overrides, directory)
-            group = (tuple(cell.configs), json.dumps({k: v for k, v in overrides.items() if k not in seed_keys}, sort_keys=True, default=str))
-            if group in resolved:
-                first_dir, text = resolved[group]
-                config = yaml.safe_load(text.replace(str(first_dir), str(directory)))
-                for key in seed_keys & set(overrides):
-                    _set(config, key, overrides[key])
-            else:
-                config = dump(parse(args))
-                resolved[group] = (directory, yaml.safe_dump(config, sort_keys=False))
-            plans.append(CellPlan(cell, directory, overrides, args, config, list(notes)))
+            config = resolve(cell.configs, overrides, directory, seed_keys)
+            plans.append(CellPlan(cell, directory, overrides, fit_args(cell.configs, overrides, directory), config, list(notes)))
         except (ValueError, TypeError, OSError) as error:
             if not known:
                 try:
