@@ -251,6 +251,11 @@ def test_runner_end_to_end_skip_resume_failure_report(tmp_path, tiny_vq_dir, cap
     steps = [r["step"] for r in results.read_csv(ok / "metrics.csv") if "train/loss" in r]
     assert len(results.versions(ok)) == 2 and sorted(set(steps)) == sorted(steps), "no step logged twice"
 
+    experiment["fixed"]["trainer.max_steps"] = 4  # a finished cell is not rerun silently with another schedule
+    write(spec_path, experiment)
+    assert experiment_main([str(spec_path), "--out", str(out), "--dry-run"]) == 0
+    assert "[done] variant=ok (done with a different command: delete the directory to rerun)" in capsys.readouterr().out
+
     assert report_main([str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "| ok |" in text and "| broken | - |" in text and "failed" in text

@@ -48,6 +48,18 @@ def command(plan: CellPlan, resume: bool) -> list[str]:
     return args + (["--ckpt_path", str(plan.checkpoint)] if resume else [])
 
 
+def changed(plan: CellPlan) -> bool:
+    """Whether the cell's last recorded command differs from the one the experiment file gives now."""
+    path = plan.directory / "cell.json"
+    if not path.is_file():
+        return False
+    recorded = json.loads(path.read_text()).get("command", [])
+    if "--ckpt_path" in recorded:
+        at = recorded.index("--ckpt_path")
+        recorded = recorded[:at] + recorded[at + 2:]
+    return recorded[1:] != command(plan, resume=False)[1:]  # the interpreter path may differ
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -131,6 +143,10 @@ class Runner:
         todo = [p for p in plans if p.id not in outcome]
         if outcome:
             self.echo(f"{len(outcome)} cell(s) already done, skipped")
+        for plan in plans:
+            if plan.id in outcome and changed(plan):
+                self.echo(f"warning: {plan.id} is done with a different command than the experiment file gives now; "
+                          f"delete {plan.directory} to run it again")
         if not todo:
             return outcome
         self.echo(f"running {len(todo)} cell(s), {self.workers} at a time, {self.threads} thread(s) each")
@@ -227,7 +243,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not args.dry_run:
+    if not args.dry_run and args.cell is None:  # array tasks start together: --emit-slurm wrote it already
         from unified_vlm.experiments.report import EXPERIMENT_FILE, snapshot
 
         _write_json(out_dir / EXPERIMENT_FILE, snapshot(spec, out_dir))
@@ -241,7 +257,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"experiment {spec.name}: {len(plans)} cell(s) in {out_dir}")
         for plan in plans:
             state = results.state(plan.directory)
-            print(f"\n[{state}] {plan.id}")
+            note = " (done with a different command: delete the directory to rerun)" if state == "done" and changed(plan) else ""
+            print(f"\n[{state}] {plan.id}{note}")
             for note in plan.notes:
                 print(f"  # {note}")
             print("  " + shlex.join(command(plan, resume=state == "resume")))
