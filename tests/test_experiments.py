@@ -139,10 +139,15 @@ def test_only_and_slurm_select_cells(tmp_path):
     with pytest.raises(SpecError, match="matches no cell"):
         select(cells, "seed=7")
     plans = plan_cells(spec, tmp_path / "out")
-    script = slurm_script(spec, plans, tmp_path / "out")
+    assert experiment_main([str(path), "--out", str(tmp_path / "out"), "--emit-slurm", str(tmp_path / "array.sh")]) == 0
+    script = (tmp_path / "array.sh").read_text()
+    assert script == slurm_script(spec, plans, tmp_path / "out")
     assert "#SBATCH --array=0-4" in script and "#SBATCH --time=00:10:00" in script
     assert '--cell "${CELLS[$SLURM_ARRAY_TASK_ID]}"' in script
     assert all(f"  {p.id}" in script for p in plans)
+    assert json.loads((tmp_path / "out" / "experiment.json").read_text())["cells"][0]["id"] == plans[0].id
+    assert "#SBATCH --array=0-1" in slurm_script(spec, [p for p in plans if p.cell.labels["seed"] == "1"], tmp_path / "out")
+    assert experiment_main([str(path), "--out", str(tmp_path / "out"), "--cell", "regime=nope"]) == 2
 
 
 # ------------------------------------------------------------------------------------ report
@@ -231,9 +236,9 @@ def test_runner_end_to_end_skip_resume_failure_report(tmp_path, tiny_vq_dir, cap
     failure = json.loads((broken / results.FAILED).read_text())
     assert failure["reason"] == "exit status 1" and "missing.jsonl" in failure["log_tail"]
 
-    # a rerun skips the finished cell
+    # a rerun skips the finished cell (--cell: what each SLURM array task runs)
     log_size = (ok / "log.txt").stat().st_size
-    assert experiment_main([str(spec_path), "--out", str(out), "--only", "variant=ok"]) == 0
+    assert experiment_main([str(spec_path), "--out", str(out), "--cell", "variant=ok"]) == 0
     assert "1 cell(s) already done, skipped" in capsys.readouterr().out
     assert (ok / "log.txt").stat().st_size == log_size
 
