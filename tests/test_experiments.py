@@ -185,7 +185,7 @@ def test_report_averages_over_seeds_and_marks_failures(tmp_path, capsys):
     text = (out / "report.md").read_text()
     mean, std = statistics.fmean([0.5, 0.7]), statistics.stdev([0.5, 0.7])
     assert f"| 0.1 | {0.3:.3f} ± {0.0707:.3f} | {mean:.3f} ± {std:.3f} | 2 |  |" in text  # all_turns: time, total
-    assert "| 0.3 | 0.200 | 0.400 | 1 | 1: failed |" in text
+    assert "| 0.3 | 0.200 | 0.400 | 1 | seed=1: failed |" in text
     assert "### first_turn" in text and "count" not in text
     assert "`strength=0.3__seed=1`: exit status 1" in text
     for figure in ("curves.png", "strength.png", "bars.png"):

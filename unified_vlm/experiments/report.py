@@ -169,6 +169,8 @@ def tables(experiment: Experiment) -> str:
     for name in names:
         scope = name.split(".", 1)[0] if "." in name else "scores"
         scopes.setdefault(scope, []).append(name)
+    if not scopes:  # nothing numeric yet (no cell finished, or e.g. only generation-only cells before generation metrics)
+        scopes["cells"] = []
     grouped = groups(experiment)
     out = []
     seed = experiment.axis("seed")
@@ -182,7 +184,7 @@ def tables(experiment: Experiment) -> str:
         for key, cells in grouped.items():
             done = [c for c in cells if c.scores is not None]
             row = list(key) + [_fmt([c.scores[m] for c in done if m in c.scores]) for m in columns]
-            missing = [f"{c.labels.get(seed, c.id) if seed else c.id}: {c.state}" for c in cells if c.scores is None]
+            missing = [f"{seed + '=' + c.labels[seed] if seed else c.id}: {c.state}" for c in cells if c.scores is None]
             row += [str(len(done)), "; ".join(missing) or ""]
             out.append("| " + " | ".join(row) + " |")
         out.append("")
@@ -373,7 +375,9 @@ def write_report(experiment: Experiment) -> Path:
     if experiment.description:
         lines += [experiment.description.strip(), ""]
     lines += [f"Run directory: `{directory}`. Cells: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ".", ""]
-    lines += [tables(experiment) if metric_names(experiment) else "No cell has finished yet: no scores to show.\n"]
+    if not metric_names(experiment):
+        lines += ["No finished cell has a numeric score yet (a generation-only cell has no VQA score).", ""]
+    lines += [tables(experiment)]
     failed = [c for c in experiment.cells if c.state == "failed"]
     if failed:
         lines += ["## Failed cells", ""]
