@@ -20,6 +20,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "evaluate": ("unified_vlm.experiments.evaluate:main", "score every checkpoint of a run directory (one row each)"),
     "build-assets": ("unified_vlm.pretraining.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
     "probe": ("unified_vlm.evaluation.probes:main", "linear probe + t-SNE of one image token's adapter outputs by attribute"),
+    "experiment": ("unified_vlm.experiments.runner:main", "run the cells of an experiment file (resumable; --dry-run, --workers, SLURM)"),
+    "report": ("unified_vlm.experiments.report:main", "tables (mean ± std over seeds) and figures of an experiment's cells"),
 }
 LIGHTNING = {
     "fit": "train a model (then score it on the test split)",

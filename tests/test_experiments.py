@@ -1,0 +1,267 @@
+"""Experiments: every shipped experiment file plans, bad files fail naming what to change, the
+runner skips / resumes / records failures on a real two-cell matrix, and report summarises it."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from unified_vlm.experiments import results
+from unified_vlm.experiments.plan import CellError, plan_cells
+from unified_vlm.experiments.report import load as load_report
+from unified_vlm.experiments.report import main as report_main
+from unified_vlm.experiments.runner import main as experiment_main
+from unified_vlm.experiments.runner import slurm_script
+from unified_vlm.experiments.spec import SpecError, load_spec, select
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "configs" / "experiments").glob("*.yaml"))
+
+
+def write(path: Path, payload: dict) -> Path:
+    path.write_text(yaml.safe_dump(payload, sort_keys=False))
+    return path
+
+
+def steps_of(plans, cell_id: str) -> int:
+    plan = next(p for p in plans if p.id == cell_id)
+    return plan.config["trainer"]["max_steps"]
+
+
+# ------------------------------------------------------------------------------------ shipped files
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=[e.stem for e in EXPERIMENTS])
+def test_shipped_experiment_dry_runs(experiment, tmp_path, capsys):
+    assert experiment_main([str(experiment), "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    spec = load_spec(experiment)
+    cells = spec.cells()
+    assert f"{len(cells)} cell(s)" in out
+    assert out.count(" -m unified_vlm fit --config ") == len(cells)
+    assert not any(tmp_path.iterdir()), "a dry run writes nothing"
+
+
+def test_regimes_follow_the_papers_step_arithmetic(tmp_path):
+    """Equal-epoch baselines train the share of the mixed run's draws their tasks make up; equal-step
+    ones as many steps as the mixed run (PAPER.md 3.2: 459 / 306 / 153 at paper size)."""
+    tiny = plan_cells(load_spec(ROOT / "configs/experiments/tiny_mixed_vs_specific.yaml"), tmp_path)
+    fixed = 300  # the tiny experiment's placeholder trainer.max_steps
+    # SigLIP-VQ mixes by data.proportions {vqa 0.6, caption 0.2, generation 0.2}
+    assert steps_of(tiny, "architecture=siglip_vq__regime=mixed__seed=0") == fixed
+    assert steps_of(tiny, "architecture=siglip_vq__regime=understanding_epoch__seed=1") == round(fixed * 0.8)
+    assert steps_of(tiny, "architecture=siglip_vq__regime=generation_epoch__seed=2") == round(fixed * 0.2)
+    assert steps_of(tiny, "architecture=siglip_vq__regime=generation_step__seed=0") == fixed
+    # VQ-VQ draws every record once: 1 of 3 records per watch is a generation record
+    assert steps_of(tiny, "architecture=vq_vq__regime=understanding_epoch__seed=0") == 200
+    assert steps_of(tiny, "architecture=vq_vq__regime=generation_epoch__seed=0") == 100
+    understanding = next(p for p in tiny if p.id == "architecture=siglip_vq__regime=understanding_step__seed=0")
+    assert understanding.config["data"]["mode"] == "understanding"
+    assert understanding.config["data"]["proportions"] == {"vqa": 0.6, "caption": 0.2}
+    assert understanding.config["trainer"]["max_epochs"] == -1
+    assert understanding.config["seed_everything"] == 0
+    seed2 = next(p for p in tiny if p.id == "architecture=siglip_vq__regime=understanding_step__seed=2")
+    assert seed2.config["seed_everything"] == 2 and seed2.id in seed2.config["trainer"]["default_root_dir"]
+
+    paper = plan_cells(load_spec(ROOT / "configs/experiments/paper_mixed_vs_specific.yaml"), tmp_path,
+                       [c for c in load_spec(ROOT / "configs/experiments/paper_mixed_vs_specific.yaml").cells() if c.labels["seed"] == "42"
+                        and c.labels["architecture"] == "vq_vq"])
+    assert steps_of(paper, "architecture=vq_vq__regime=understanding_epoch__seed=42") == 306
+    assert steps_of(paper, "architecture=vq_vq__regime=generation_epoch__seed=42") == 153
+    assert steps_of(paper, "architecture=vq_vq__regime=generation_step__seed=42") == 459
+
+
+# ------------------------------------------------------------------------------------ bad files
+BASE = str(ROOT / "configs" / "tiny_vq_vq.yaml")
+
+
+@pytest.mark.parametrize("payload, message", [
+    ({"base": BASE, "axis": {}}, "unknown top-level key(s) 'axis' (did you mean 'axes'?)"),
+    ({"axes": {}}, "no base config"),
+    ({"base": "configs/nope.yaml"}, "no config file 'configs/nope.yaml'"),
+    ({"base": BASE, "axes": {"lr": {"kind": "grid", "values": [1]}}}, "kind must be one of"),
+    ({"base": BASE, "axes": {"lr": {"kind": "key", "key": "model.optim.lr", "values": [1], "step": 2}}}, "unknown key(s) ['step']"),
+    ({"base": BASE, "axes": {"regime": {"kind": "regime", "values": ["mixed", "understanding"]}}}, "unknown regime(s) ['understanding']"),
+    ({"base": BASE, "axes": {"seed": {"kind": "seed", "values": [0, "one"]}}}, "must be an integer"),
+    ({"base": BASE, "fixed": {"trainer.default_root_dir": "x"}}, "is set by the runner"),
+    ({"base": BASE, "fixed": {"trainer.max_steps": 3}, "axes": {"steps": {"kind": "key", "key": "trainer.max_steps", "values": [1, 2]}}},
+     "set by both fixed and axis 'steps'"),
+    ({"base": BASE, "fixed": {"data.mode": "understanding"}, "axes": {"regime": {"kind": "regime", "values": ["mixed"]}}},
+     "fixed sets data.mode but the regime axis sets it"),
+    ({"base": BASE, "axes": {"seed": {"kind": "seed", "values": [0, 1]}}, "exclude": [{"name": "typo", "match": {"seed": "7"}}]},
+     "'7' matches no label of axis 'seed'"),
+    ({"base": BASE, "axes": {"seed": {"kind": "seed", "values": [0]}}, "exclude": [{"name": "all", "match": {"seed": "*"}}]},
+     "leave no cell"),
+    ({"base": BASE, "axes": {"lr": {"kind": "key", "key": "model.optim.lr", "values": ["1/2"]}}}, "cannot name a cell directory"),
+    ({"base": BASE, "report": {"lines": [{"axis": "strength"}]}}, "report.lines[0]"),
+])
+def test_bad_experiment_files_name_the_problem(tmp_path, payload, message):
+    path = write(tmp_path / "bad.yaml", payload)
+    with pytest.raises(SpecError) as error:
+        load_spec(path).cells()
+    assert message in str(error.value)
+
+
+def test_cells_that_do_not_parse_fail_before_any_runs(tmp_path, capsys):
+    path = write(tmp_path / "bad_cells.yaml", {
+        "base": BASE,
+        "axes": {"variant": {"kind": "overrides", "values": {
+            "ok": {}, "typo": {"model.optim.lrr": 0.001}, "typo2": {"data.num_train_watchs": 8}, "badtype": {"trainer.max_steps": "three"}}}},
+    })
+    with pytest.raises(CellError) as error:
+        plan_cells(load_spec(path), tmp_path / "out")
+    text = str(error.value)
+    assert "3 cell(s) would not run" in text and "variant=ok" not in text
+    assert "cell variant=typo " in text and "fit has no key model.optim.lrr (did you mean model.optim.lr" in text
+    assert "cell variant=typo2 " in text and "fit has no key data.num_train_watchs (did you mean data.num_train_watches" in text
+    assert "cell variant=badtype " in text and 'Parser key "trainer.max_steps"' in text
+    assert experiment_main([str(path), "--out", str(tmp_path / "out")]) == 2
+    assert "would not run" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_and_slurm_select_cells(tmp_path):
+    path = write(tmp_path / "e.yaml", {
+        "base": BASE,
+        "axes": {"regime": {"kind": "regime", "values": ["mixed", "understanding_epoch", "generation_step"]},
+                 "seed": {"kind": "seed", "values": [0, 1]}},
+        "exclude": [{"name": "one seed of generation", "match": {"regime": "generation_*", "seed": "1"}}],
+        "slurm": {"time": "00:10:00"},
+    })
+    spec = load_spec(path)
+    cells = spec.cells()
+    assert len(cells) == 5
+    assert [c.id for c in select(cells, "regime=understanding_*")] == ["regime=understanding_epoch__seed=0", "regime=understanding_epoch__seed=1"]
+    assert [c.id for c in select(cells, "seed=1,regime=mixed")] == ["regime=mixed__seed=1"]
+    with pytest.raises(SpecError, match="matches no cell"):
+        select(cells, "seed=7")
+    plans = plan_cells(spec, tmp_path / "out")
+    assert experiment_main([str(path), "--out", str(tmp_path / "out"), "--emit-slurm", str(tmp_path / "array.sh")]) == 0
+    script = (tmp_path / "array.sh").read_text()
+    assert script == slurm_script(spec, plans, tmp_path / "out")
+    assert "#SBATCH --array=0-4" in script and "#SBATCH --time=00:10:00" in script
+    assert '--cell "${CELLS[$SLURM_ARRAY_TASK_ID]}"' in script
+    assert all(f"  {p.id}" in script for p in plans)
+    assert json.loads((tmp_path / "out" / "experiment.json").read_text())["cells"][0]["id"] == plans[0].id
+    assert "#SBATCH --array=0-1" in slurm_script(spec, [p for p in plans if p.cell.labels["seed"] == "1"], tmp_path / "out")
+    assert experiment_main([str(path), "--out", str(tmp_path / "out"), "--cell", "regime=nope"]) == 2
+
+
+# ------------------------------------------------------------------------------------ report
+def fake_cell(root: Path, cell_id: str, total: float | None, mode: str = "mixed", curve=(0.3, 0.6)) -> None:
+    """A cell directory as the runner leaves it (total None: a failed cell)."""
+    directory = root / cell_id
+    (directory / "logs" / "version_0").mkdir(parents=True)
+    (directory / "config.yaml").write_text(yaml.safe_dump({"data": {"mode": mode}}))
+    with open(directory / "logs" / "version_0" / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "val/vqa/total", "val/image_loss"])
+        writer.writeheader()
+        for step, value in zip((9, 19), curve):
+            writer.writerow({"step": step, "val/vqa/total": value, "val/image_loss": 5 - value})
+    if total is None:
+        (directory / results.FAILED).write_text(json.dumps({"reason": "exit status 1"}))
+        return
+    scores = {"summary": {"all_turns": {"time": total / 2, "total": total, "count": 40, "count_per_attribute": {"time": 10}},
+                          "first_turn": {"total": total, "count": 10}}, "results": [{"score": 1.0}]}
+    (directory / results.SCORES).write_text(json.dumps(scores))
+    (directory / results.DONE).write_text("{}")
+
+
+def test_report_averages_over_seeds_and_marks_failures(tmp_path, capsys):
+    spec_path = write(tmp_path / "e.yaml", {
+        "name": "fake", "base": BASE,
+        "axes": {"strength": {"kind": "key", "key": "model.optim.lr", "values": [0.1, 0.3]},
+                 "seed": {"kind": "seed", "values": [0, 1]}},
+    })
+    out = tmp_path / "run"
+    fake_cell(out, "strength=0.1__seed=0", 0.5)
+    fake_cell(out, "strength=0.1__seed=1", 0.7)
+    fake_cell(out, "strength=0.3__seed=0", 0.4)
+    fake_cell(out, "strength=0.3__seed=1", None)
+    assert report_main([str(spec_path), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    mean, std = statistics.fmean([0.5, 0.7]), statistics.stdev([0.5, 0.7])
+    assert f"| 0.1 | {0.3:.3f} ± {0.0707:.3f} | {mean:.3f} ± {std:.3f} | 2 |  |" in text  # all_turns: time, total
+    assert "| 0.3 | 0.200 | 0.400 | 1 | seed=1: failed |" in text
+    assert "### first_turn" in text and "count" not in text
+    assert "`strength=0.3__seed=1`: exit status 1" in text
+    for figure in ("curves.png", "strength.png", "bars.png"):
+        assert (out / figure).stat().st_size > 1000, figure
+    experiment = load_report(str(spec_path), out)
+    assert [c.state for c in experiment.cells] == ["done", "done", "done", "failed"]
+
+
+def test_metrics_of_a_resumed_cell_drop_the_redone_steps(tmp_path):
+    for version, steps in ((0, [0, 1, 2, 3]), (1, [2, 3, 4])):
+        directory = tmp_path / "logs" / f"version_{version}"
+        directory.mkdir(parents=True)
+        with open(directory / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "train/loss"])
+            writer.writeheader()
+            writer.writerows({"step": s, "train/loss": 10 * version + s} for s in steps)
+    merged = results.merged_metrics(tmp_path)
+    assert [(r["step"], r["train/loss"]) for r in merged] == [(0, 0), (1, 1), (2, 12), (3, 13), (4, 14)]
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_runner_end_to_end_skip_resume_failure_report(tmp_path, tiny_vq_dir, capsys):
+    """Two cells of a few steps as real subprocesses: one finishes, one fails (its records file does
+    not exist) and is recorded; a rerun skips the finished cell; an interrupted cell (a last.ckpt and
+    no done marker) resumes from its checkpoint; report writes the table and figures."""
+    from test_cli import MAIN_CONFIG, tiny_overrides
+
+    tiny = tiny_overrides(tmp_path, tiny_vq_dir, MAIN_CONFIG)
+    experiment = {
+        "name": "two_cells",
+        "base": [str(MAIN_CONFIG), str(tiny)],
+        "fixed": {"trainer.max_steps": 2, "trainer.val_check_interval": 1, "vqa_probe.max_records": 2},
+        "axes": {"variant": {"kind": "overrides", "values": {"ok": {}, "broken": {"data.train_records": str(tmp_path / "missing.jsonl")}}}},
+    }
+    spec_path = write(tmp_path / "two_cells.yaml", experiment)
+    out = tmp_path / "run"
+    ok, broken = out / "variant=ok", out / "variant=broken"
+
+    assert experiment_main([str(spec_path), "--out", str(out), "--workers", "2"]) == 1
+    printed = capsys.readouterr().out
+    assert "1/2 cell(s) done; not done: variant=broken" in printed
+    assert results.state(ok) == "done"
+    for name in ("done.json", "test_scores.json", "metrics.csv", "log.txt", "command.sh", "config.yaml", "cell.json", "checkpoints/last.ckpt"):
+        assert (ok / name).is_file(), name
+    assert json.loads((ok / "cell.json").read_text())["threads"] >= 1
+    assert yaml.safe_load((ok / "config.yaml").read_text())["trainer"]["max_steps"] == 2
+    failure = json.loads((broken / results.FAILED).read_text())
+    assert failure["reason"] == "exit status 1" and "missing.jsonl" in failure["log_tail"]
+
+    # a rerun skips the finished cell (--cell: what each SLURM array task runs)
+    log_size = (ok / "log.txt").stat().st_size
+    assert experiment_main([str(spec_path), "--out", str(out), "--cell", "variant=ok"]) == 0
+    assert "1 cell(s) already done, skipped" in capsys.readouterr().out
+    assert (ok / "log.txt").stat().st_size == log_size
+
+    # an interrupted cell (checkpoint at step 2, no done marker) resumes to the longer schedule
+    (ok / results.DONE).unlink()
+    (ok / results.SCORES).unlink()
+    experiment["fixed"]["trainer.max_steps"] = 3
+    write(spec_path, experiment)
+    assert experiment_main([str(spec_path), "--out", str(out), "--only", "variant=ok", "--dry-run"]) == 0
+    assert f"--ckpt_path {ok / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
+    assert experiment_main([str(spec_path), "--out", str(out), "--only", "variant=ok"]) == 0
+    assert json.loads((ok / results.DONE).read_text())["resumed"] is True
+    assert "resume from" in (ok / "log.txt").read_text()
+    assert torch.load(ok / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
+    steps = [r["step"] for r in results.read_csv(ok / "metrics.csv") if "train/loss" in r]
+    assert len(results.versions(ok)) == 2 and sorted(set(steps)) == sorted(steps), "no step logged twice"
+
+    experiment["fixed"]["trainer.max_steps"] = 4  # a finished cell is not rerun silently with another schedule
+    write(spec_path, experiment)
+    assert experiment_main([str(spec_path), "--out", str(out), "--dry-run"]) == 0
+    assert "[done] variant=ok (done with a different command: delete the directory to rerun)" in capsys.readouterr().out
+
+    assert report_main([str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| ok |" in text and "| broken | - |" in text and "failed" in text
+    assert (out / "curves.png").is_file() and (out / "bars.png").is_file()

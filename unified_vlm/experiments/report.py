@@ -1,0 +1,410 @@
+"""``python -m unified_vlm report FILE|RUN_DIR``: tables and figures of an experiment's cells.
+
+Cells are grouped by every axis but the seed; each group's metrics are shown as mean +- sample
+standard deviation over its finished seeds, with n, and failed or unfinished cells are marked.
+Metrics are whatever numeric fields the cells' ``test_scores.json`` hold (VQA per attribute today;
+new groups such as ``generation`` appear without code changes). Figures (matplotlib):
+
+- ``curves.png``: validation curves of both tasks per regime from ``metrics.csv`` (PAPER.md Fig. 3);
+- ``<axis>.png`` for each numeric axis (or ``report.lines`` entry): score vs axis value with
+  error bars, one line per group of the other axes (distortion strength, Fig. 4; added data, Fig. 5);
+- ``bars.png``: grouped bars of the chosen metrics per group (e.g. knowledge transfer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from unified_vlm.experiments import results
+
+DEFAULT_CURVES = {"understanding": "val/vqa/total", "generation": "val/image_loss"}
+CURVE_TASKS = {"understanding": "vqa", "generation": "generation"}
+REPORT_KEYS = {"curves", "lines", "bars"}
+EXPERIMENT_FILE = "experiment.json"
+
+
+def check_report_options(report: dict, axes: list[str], spec_path) -> None:
+    """Reject report options that would silently draw nothing."""
+    from unified_vlm.experiments.spec import SpecError
+
+    unknown = set(report) - REPORT_KEYS
+    if unknown:
+        raise SpecError(f"{spec_path}: report: unknown key(s) {sorted(unknown)}; allowed: {sorted(REPORT_KEYS)}")
+    curves = report.get("curves", {})
+    if not isinstance(curves, dict) or set(curves) - set(CURVE_TASKS):
+        raise SpecError(f"{spec_path}: report.curves maps {sorted(CURVE_TASKS)} to a metrics.csv column, e.g. {DEFAULT_CURVES}")
+    for n, line in enumerate(report.get("lines", []) or []):
+        if not isinstance(line, dict) or set(line) - {"axis", "metrics", "x"} or line.get("axis") not in axes:
+            raise SpecError(f"{spec_path}: report.lines[{n}] must be {{axis: one of {axes}, metrics: [..], x: {{label: number}}}}")
+    bars = report.get("bars", {})
+    if not isinstance(bars, dict) or set(bars) - {"metrics"}:
+        raise SpecError(f"{spec_path}: report.bars must be {{metrics: [scope.metric, ...]}}")
+
+
+@dataclass
+class CellResult:
+    id: str
+    labels: dict[str, str]
+    state: str
+    scores: Optional[dict[str, float]]
+    metrics: list[dict[str, float]]
+    tasks: tuple[str, ...]
+    reason: str = ""
+
+
+@dataclass
+class Experiment:
+    """What ``report`` needs: the axes (names, kinds, labels), options and the cells' results."""
+
+    name: str
+    description: str
+    directory: Path
+    axes: list[dict[str, Any]]
+    options: dict[str, Any]
+    cells: list[CellResult] = field(default_factory=list)
+
+    @property
+    def group_axes(self) -> list[str]:
+        return [a["name"] for a in self.axes if a["kind"] != "seed"]
+
+    def axis(self, kind: str) -> Optional[str]:
+        return next((a["name"] for a in self.axes if a["kind"] == kind), None)
+
+
+def snapshot(spec, out_dir: Path) -> dict[str, Any]:
+    """The part of an experiment file ``report`` needs, saved in the run directory."""
+    return {
+        "name": spec.name, "description": spec.description, "file": str(spec.path), "options": spec.report,
+        "axes": [{"name": a.name, "kind": a.kind, "labels": a.labels} for a in spec.axes],
+        "cells": [{"id": c.id, "labels": c.labels} for c in spec.cells()],
+    }
+
+
+def _tasks(directory: Path) -> tuple[str, ...]:
+    from unified_vlm.datamodules.unified_datamodule import MODES
+
+    config = directory / "config.yaml"
+    if not config.is_file():
+        return ()
+    mode = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("mode", "mixed")
+    return tuple(MODES.get(mode, ()))
+
+
+def load(target: str | Path, out: Optional[str | Path] = None) -> Experiment:
+    """An experiment from its file (run directory: ``--out`` or the default) or from its run directory."""
+    target = Path(target)
+    if target.is_dir():
+        meta_path = target / EXPERIMENT_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{target} has no {EXPERIMENT_FILE}: is it an experiment's run directory? "
+                                    "(python -m unified_vlm experiment writes it)")
+        meta, directory = json.loads(meta_path.read_text()), target
+    else:
+        from unified_vlm.experiments.runner import default_out
+        from unified_vlm.experiments.spec import load_spec
+
+        spec = load_spec(target)
+        directory = Path(out) if out else default_out(spec)
+        meta = snapshot(spec, directory)
+    experiment = Experiment(meta["name"], meta.get("description", ""), directory, meta["axes"], meta.get("options") or {})
+    for cell in meta["cells"]:
+        path = directory / cell["id"]
+        state = results.state(path) if path.is_dir() else "not run"
+        reason = ""
+        if state == "failed":
+            reason = json.loads((path / results.FAILED).read_text()).get("reason", "")
+        elif state in ("resume", "new") and path.is_dir():
+            state = "unfinished"
+        experiment.cells.append(CellResult(
+            cell["id"], cell["labels"], state,
+            results.read_scores(path) if state == "done" else None,
+            results.merged_metrics(path) if path.is_dir() else [],
+            _tasks(path), reason,
+        ))
+    return experiment
+
+
+# ------------------------------------------------------------------------------------------ numbers
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def groups(experiment: Experiment) -> dict[tuple[str, ...], list[CellResult]]:
+    """Cells by their labels on every non-seed axis, in file order."""
+    out: dict[tuple[str, ...], list[CellResult]] = {}
+    for cell in experiment.cells:
+        out.setdefault(tuple(cell.labels[a] for a in experiment.group_axes), []).append(cell)
+    return out
+
+
+def metric_names(experiment: Experiment) -> list[str]:
+    names: list[str] = []
+    for cell in experiment.cells:
+        for key in cell.scores or {}:
+            if key not in names:
+                names.append(key)
+    return names
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {std:.3f}"
+
+
+def tables(experiment: Experiment) -> str:
+    """One markdown table per metric scope (the part before the first dot, e.g. all_turns / first_turn)."""
+    names = metric_names(experiment)
+    scopes: dict[str, list[str]] = {}
+    for name in names:
+        scope = name.split(".", 1)[0] if "." in name else "scores"
+        scopes.setdefault(scope, []).append(name)
+    if not scopes:  # nothing numeric yet (no cell finished, or e.g. only generation-only cells before generation metrics)
+        scopes["cells"] = []
+    grouped = groups(experiment)
+    out = []
+    seed = experiment.axis("seed")
+    over = f"over the `{seed}` axis" if seed else "(one run per row: no seed axis)"
+    for scope, columns in scopes.items():
+        short = [c.split(".", 1)[1] if "." in c else c for c in columns]
+        out.append(f"### {scope}\n\nmean ± sample std {over}; n = finished cells.\n")
+        header = experiment.group_axes + short + ["n", "not done"]
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        for key, cells in grouped.items():
+            done = [c for c in cells if c.scores is not None]
+            row = list(key) + [_fmt([c.scores[m] for c in done if m in c.scores]) for m in columns]
+            missing = [f"{seed + '=' + c.labels[seed] if seed else c.id}: {c.state}" for c in cells if c.scores is None]
+            row += [str(len(done)), "; ".join(missing) or ""]
+            out.append("| " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ figures
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series_label(experiment: Experiment, key: tuple[str, ...], skip: set[str]) -> str:
+    parts = [f"{a}={l}" for a, l in zip(experiment.group_axes, key) if a not in skip]
+    return ", ".join(parts) or experiment.name
+
+
+def _curve(cells: list[CellResult], column: str) -> tuple[list[float], list[float], list[float]]:
+    """Mean and std over cells of ``column`` at each logged step."""
+    by_step: dict[float, list[float]] = {}
+    for cell in cells:
+        for row in cell.metrics:
+            if column in row and "step" in row:
+                by_step.setdefault(row["step"], []).append(row[column])
+    steps = sorted(by_step)
+    stats = [mean_std(by_step[s]) for s in steps]
+    return steps, [m for m, _ in stats], [s for _, s in stats]
+
+
+def curves_figure(experiment: Experiment, path: Path) -> Optional[Path]:
+    """Validation curves of both tasks: one row per group of the axes other than regime and seed,
+    one line per regime (PAPER.md Fig. 3); a regime is drawn only on the tasks it trains."""
+    columns = {**DEFAULT_CURVES, **(experiment.options.get("curves") or {})}
+    regime = experiment.axis("regime")
+    rows_axes = [a for a in experiment.group_axes if a != regime]
+    rows: dict[tuple[str, ...], dict[str, list[CellResult]]] = {}
+    for cell in experiment.cells:
+        row = tuple(cell.labels[a] for a in rows_axes)
+        line = cell.labels[regime] if regime else "all"
+        rows.setdefault(row, {}).setdefault(line, []).append(cell)
+    if not any(col in r for c in experiment.cells for r in c.metrics for col in columns.values()):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.2 * len(rows)), squeeze=False)
+    for r, (row, lines) in enumerate(rows.items()):
+        for c, (task, column) in enumerate(columns.items()):
+            ax = axes[r][c]
+            drawn = False
+            for label, cells in lines.items():
+                cells = [x for x in cells if not x.tasks or CURVE_TASKS[task] in x.tasks]
+                steps, mean, std = _curve(cells, column)
+                if not steps:
+                    continue
+                ax.plot(steps, mean, marker="o", markersize=3, label=f"{label} (n={len(cells)})")
+                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+                drawn = True
+            title = ", ".join(f"{a}={l}" for a, l in zip(rows_axes, row))
+            ax.set_title(f"{task}: {column}" + (f"\n{title}" if title else ""), fontsize=9)
+            ax.set_xlabel("optimiser step")
+            if drawn:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, f"{column} not logged", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _numeric(label: str) -> Optional[float]:
+    try:
+        return float(label)
+    except ValueError:
+        return None
+
+
+def line_specs(experiment: Experiment) -> list[dict[str, Any]]:
+    """``report.lines``, or one figure per non-seed axis whose labels are all numbers."""
+    if experiment.options.get("lines"):
+        return list(experiment.options["lines"])
+    specs = []
+    for axis in experiment.axes:
+        if axis["kind"] != "seed" and len(axis["labels"]) > 1 and all(_numeric(l) is not None for l in axis["labels"]):
+            specs.append({"axis": axis["name"]})
+    return specs
+
+
+def default_metrics(experiment: Experiment, count: Optional[int] = None) -> list[str]:
+    names = metric_names(experiment)
+    preferred = [n for n in names if n.startswith("all_turns.")] or names
+    return preferred[:count] if count else preferred
+
+
+def line_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Optional[Path]:
+    """Score vs axis value with error bars (std over seeds), one line per group of the other axes."""
+    axis = spec["axis"]
+    names = metric_names(experiment)
+    metrics = [m for m in (spec.get("metrics") or [m for m in default_metrics(experiment) if m.endswith("total")] or default_metrics(experiment, 1)) if m in names]
+    if not metrics:
+        return None
+    positions = {str(k): float(v) for k, v in (spec.get("x") or {}).items()}
+    labels = next(a["labels"] for a in experiment.axes if a["name"] == axis)
+    x_of = {l: positions.get(l, _numeric(l)) for l in labels}
+    if any(v is None for v in x_of.values()):
+        missing = [l for l, v in x_of.items() if v is None]
+        raise ValueError(f"report.lines for axis {axis!r}: labels {missing} are not numbers; give x: {{label: number}}")
+    others = [a for a in experiment.group_axes if a != axis]
+    series: dict[tuple[str, ...], dict[str, list[CellResult]]] = {}
+    for cell in experiment.cells:
+        if cell.scores is None:
+            continue
+        series.setdefault(tuple(cell.labels[a] for a in others), {}).setdefault(cell.labels[axis], []).append(cell)
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for key, by_label in series.items():
+            points = []
+            for label in labels:
+                values = [c.scores[metric] for c in by_label.get(label, []) if metric in c.scores]
+                if values:
+                    points.append((x_of[label], *mean_std(values)))
+            if points:
+                xs, ys, es = zip(*points)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=", ".join(f"{a}={l}" for a, l in zip(others, key)) or metric)
+        ax.set_xlabel(axis)
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bars_figure(experiment: Experiment, path: Path) -> Optional[Path]:
+    """Grouped bars: one cluster per metric, one bar per group (mean, std error bar)."""
+    names = metric_names(experiment)
+    metrics = [m for m in ((experiment.options.get("bars") or {}).get("metrics") or default_metrics(experiment)) if m in names]
+    grouped = {k: [c for c in v if c.scores is not None] for k, v in groups(experiment).items()}
+    grouped = {k: v for k, v in grouped.items() if v}
+    if not metrics or not grouped:
+        return None
+    plt = _pyplot()
+    width = 0.8 / len(grouped)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(metrics) * max(1, len(grouped)) * 0.35 + 2), 4))
+    for g, (key, cells) in enumerate(grouped.items()):
+        means, stds = [], []
+        for metric in metrics:
+            values = [c.scores[metric] for c in cells if metric in c.scores]
+            mean, std = mean_std(values) if values else (math.nan, 0.0)
+            means.append(mean)
+            stds.append(std)
+        xs = [m + (g - (len(grouped) - 1) / 2) * width for m in range(len(metrics))]
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=_series_label(experiment, key, set()))
+    ax.set_xticks(range(len(metrics)), [m.split(".", 1)[-1] for m in metrics], rotation=30, ha="right")
+    ax.set_ylabel("score (mean ± std over seeds)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(experiment: Experiment) -> Path:
+    """``report.md`` and the figures, in the experiment's run directory."""
+    directory = experiment.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    figures = []
+    curve = curves_figure(experiment, directory / "curves.png")
+    if curve:
+        figures.append(("Validation curves of both tasks per regime (PAPER.md Fig. 3)", curve))
+    for spec in line_specs(experiment):
+        figure = line_figure(experiment, spec, directory / f"{spec['axis']}.png")
+        if figure:
+            figures.append((f"Score vs {spec['axis']} (error bars: std over seeds)", figure))
+    bars = bars_figure(experiment, directory / "bars.png")
+    if bars:
+        figures.append(("Scores per group (error bars: std over seeds)", bars))
+    states: dict[str, int] = {}
+    for cell in experiment.cells:
+        states[cell.state] = states.get(cell.state, 0) + 1
+    lines = [f"# Experiment {experiment.name}", ""]
+    if experiment.description:
+        lines += [experiment.description.strip(), ""]
+    lines += [f"Run directory: `{directory}`. Cells: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ".", ""]
+    if not metric_names(experiment):
+        lines += ["No finished cell has a numeric score yet (a generation-only cell has no VQA score).", ""]
+    lines += [tables(experiment)]
+    failed = [c for c in experiment.cells if c.state == "failed"]
+    if failed:
+        lines += ["## Failed cells", ""]
+        lines += [f"- `{c.id}`: {c.reason}; log `{directory / c.id / 'log.txt'}`" for c in failed]
+        lines.append("")
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"![{title}]({p.name})\n\n{title}: `{p.name}`\n" for title, p in figures]
+    path = directory / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unified_vlm report",
+                                     description="Tables (mean ± std over seeds) and figures of an experiment; see docs/experiments.md.")
+    parser.add_argument("target", help="experiment file (configs/experiments/<name>.yaml) or its run directory")
+    parser.add_argument("--out", default=None, help="the experiment's run directory when it is not the default runs/experiments/<name>")
+    args = parser.parse_args(argv)
+    from unified_vlm.experiments.spec import SpecError
+
+    try:
+        experiment = load(args.target, args.out)
+        path = write_report(experiment)
+    except (SpecError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,279 @@
+"""``python -m unified_vlm experiment FILE``: run every cell of an experiment, resumably.
+
+Each cell is an ordinary ``python -m unified_vlm fit`` subprocess in ``<out>/<cell-id>/``. Finished
+cells (done marker and scores present) are skipped, interrupted ones resume from
+``checkpoints/last.ckpt``, a failing cell is recorded in ``failed.json`` and the others go on.
+``--workers N`` runs N cells side by side, each with its share of the CPU threads;
+``--emit-slurm`` writes a job array that runs the same single-cell command per array task.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from unified_vlm.experiments import results
+from unified_vlm.experiments.plan import CellPlan, plan_cells
+from unified_vlm.experiments.spec import ExperimentSpec, SpecError, load_spec, select
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def default_out(spec: ExperimentSpec) -> Path:
+    return Path("runs") / "experiments" / spec.name
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def command(plan: CellPlan, resume: bool) -> list[str]:
+    """The cell's exact command: ``fit`` with its overrides (and ``--ckpt_path`` when resuming)."""
+    args = [sys.executable, "-m", "unified_vlm", *plan.fit_args]
+    return args + (["--ckpt_path", str(plan.checkpoint)] if resume else [])
+
+
+def changed(plan: CellPlan) -> bool:
+    """Whether the cell's last recorded command differs from the one the experiment file gives now."""
+    path = plan.directory / "cell.json"
+    if not path.is_file():
+        return False
+    recorded = json.loads(path.read_text()).get("command", [])
+    if "--ckpt_path" in recorded:
+        at = recorded.index("--ckpt_path")
+        recorded = recorded[:at] + recorded[at + 2:]
+    return recorded[1:] != command(plan, resume=False)[1:]  # the interpreter path may differ
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(path: Path, payload) -> None:
+    from unified_vlm.callbacks.evaluation_report import write_json_atomically
+
+    write_json_atomically(path, payload)
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class Runner:
+    """Runs planned cells with ``workers`` side by side; Ctrl-C stops the running cells (they resume next time)."""
+
+    def __init__(self, workers: int = 1, threads: Optional[int] = None, echo=print) -> None:
+        if workers < 1:
+            raise SpecError(f"--workers must be at least 1, got {workers}")
+        self.workers = workers
+        self.threads = threads or max(1, available_cpus() // workers)
+        self.echo = echo
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({v: str(self.threads) for v in THREAD_VARIABLES})
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return env
+
+    def run_cell(self, plan: CellPlan) -> str:
+        """Run one cell to the end; returns its final state (``done`` or ``failed``)."""
+        directory = plan.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        prior = results.state(directory)
+        if prior == "done":
+            return "done"
+        resume = plan.checkpoint.is_file()
+        cmd = command(plan, resume)
+        (directory / results.FAILED).unlink(missing_ok=True)
+        _write_json(directory / "cell.json", {
+            "id": plan.id, "labels": plan.cell.labels, "overrides": plan.overrides, "notes": plan.notes,
+            "command": cmd, "threads": self.threads,
+        })
+        (directory / "command.sh").write_text(shlex.join(cmd) + "\n")
+        (directory / "config.yaml").write_text(yaml.safe_dump(plan.config, sort_keys=False))
+        log = directory / "log.txt"
+        start = time.time()
+        with open(log, "a") as out:
+            out.write(f"\n===== {_now()} {'resume from ' + str(plan.checkpoint) if resume else 'start'}: {shlex.join(cmd)}\n")
+            out.flush()
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.environment(), cwd=os.getcwd())
+            with self._lock:
+                self._running.add(process)
+            try:
+                rc = process.wait()
+            finally:
+                with self._lock:
+                    self._running.discard(process)
+        seconds = round(time.time() - start, 1)
+        scores = results.latest_scores(directory)
+        if rc == 0 and scores is not None:
+            shutil.copyfile(scores, directory / results.SCORES)
+            results.write_metrics(results.merged_metrics(directory), directory / results.METRICS)
+            _write_json(directory / results.DONE, {"finished": _now(), "seconds": seconds, "resumed": resume, "command": cmd})
+            return "done"
+        if rc < 0 or rc in (130, 143):
+            return "interrupted"
+        reason = f"exit status {rc}" if rc else "fit exited 0 but wrote no test_scores.json"
+        _write_json(directory / results.FAILED, {"failed": _now(), "reason": reason, "seconds": seconds, "log": str(log),
+                                                  "command": cmd, "log_tail": _log_tail(log)})
+        return "failed"
+
+    def run(self, plans: list[CellPlan]) -> dict[str, str]:
+        """Run the cells that are not done; returns cell id -> final state."""
+        outcome = {p.id: "done" for p in plans if results.state(p.directory) == "done"}
+        todo = [p for p in plans if p.id not in outcome]
+        if outcome:
+            self.echo(f"{len(outcome)} cell(s) already done, skipped")
+        for plan in plans:
+            if plan.id in outcome and changed(plan):
+                self.echo(f"warning: {plan.id} is done with a different command than the experiment file gives now; "
+                          f"delete {plan.directory} to run it again")
+        if not todo:
+            return outcome
+        self.echo(f"running {len(todo)} cell(s), {self.workers} at a time, {self.threads} thread(s) each")
+        counter = iter(range(1, len(todo) + 1))
+
+        def one(plan: CellPlan) -> tuple[str, str]:
+            state = results.state(plan.directory)
+            self.echo(f"[{next(counter)}/{len(todo)}] {plan.id}: {'resuming' if state == 'resume' else 'starting'}")
+            start = time.time()
+            final = self.run_cell(plan)
+            where = "" if final == "done" else f" (log: {plan.directory / 'log.txt'})"
+            self.echo(f"{plan.id}: {final} after {time.time() - start:.1f} s{where}")
+            return plan.id, final
+
+        pool = ThreadPoolExecutor(max_workers=self.workers)
+        try:
+            for cell_id, final in pool.map(one, todo):
+                outcome[cell_id] = final
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return outcome
+
+    def stop(self) -> None:
+        """Terminate the cells this runner started (each then resumes from its last checkpoint)."""
+        with self._lock:
+            running = list(self._running)
+        for process in running:
+            process.terminate()
+        for process in running:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+# ------------------------------------------------------------------------------------------ SLURM
+def slurm_script(spec: ExperimentSpec, plans: list[CellPlan], out_dir: Path) -> str:
+    """A job array, one task per cell, each running this command for its cell (``--cell ID``)."""
+    out_dir = Path(out_dir).resolve()
+    lines = [
+        "#!/bin/bash",
+        f"# Experiment {spec.name}: {len(plans)} cell(s), one array task each. Submit with: sbatch {out_dir / 'slurm.sh'}",
+        f"#SBATCH --job-name={spec.name}",
+        f"#SBATCH --array=0-{len(plans) - 1}",
+        f"#SBATCH --output={out_dir}/slurm-%A_%a.out",
+    ]
+    lines += [f"#SBATCH --{key}={value}" for key, value in spec.slurm.items()]
+    lines += [
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}",
+        "CELLS=(",
+        *[f"  {shlex.quote(p.id)}" for p in plans],
+        ")",
+        "export TOKENIZERS_PARALLELISM=false",
+        f"exec {shlex.quote(sys.executable)} -m unified_vlm experiment {shlex.quote(str(spec.path))} "
+        f"--out {shlex.quote(str(out_dir))} --cell \"${{CELLS[$SLURM_ARRAY_TASK_ID]}}\"",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m unified_vlm experiment",
+        description="Run the cells of an experiment file (configs/experiments/*.yaml); see docs/experiments.md.",
+    )
+    parser.add_argument("file", help="experiment file, e.g. configs/experiments/tiny_mixed_vs_specific.yaml")
+    parser.add_argument("--dry-run", action="store_true", help="check every cell and print its state and exact command; run nothing")
+    parser.add_argument("--workers", type=int, default=1, help="cells run side by side (the CPU threads are split among them)")
+    parser.add_argument("--threads", type=int, default=None, help="threads per cell (default: available CPUs / workers)")
+    parser.add_argument("--only", default=None, help="run only matching cells: comma-separated axis=label globs, e.g. 'regime=mixed,seed=0'")
+    parser.add_argument("--cell", default=None, help="run exactly this cell id (what each SLURM array task runs)")
+    parser.add_argument("--out", default=None, help="run directory (default runs/experiments/<name>)")
+    parser.add_argument("--emit-slurm", default=None, metavar="FILE", help="write a SLURM job-array script (one task per selected cell) and exit")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = load_spec(args.file)
+        out_dir = Path(args.out) if args.out else default_out(spec)
+        cells = spec.cells()
+        if args.cell is not None:
+            chosen = [c for c in cells if c.id == args.cell]
+            if not chosen:
+                raise SpecError(f"no cell {args.cell!r} in {spec.path}; --dry-run lists the cells")
+            plans = plan_cells(spec, out_dir, chosen)
+        else:
+            plans = select_plans(plan_cells(spec, out_dir), args.only)
+    except SpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not args.dry_run and args.cell is None:  # array tasks start together: --emit-slurm wrote it already
+        from unified_vlm.experiments.report import EXPERIMENT_FILE, snapshot
+
+        _write_json(out_dir / EXPERIMENT_FILE, snapshot(spec, out_dir))
+    if args.emit_slurm:
+        path = Path(args.emit_slurm)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(slurm_script(spec, plans, out_dir))
+        print(f"wrote {path}: {len(plans)} array task(s); submit with sbatch {path}")
+        return 0
+    if args.dry_run:
+        print(f"experiment {spec.name}: {len(plans)} cell(s) in {out_dir}")
+        for plan in plans:
+            state = results.state(plan.directory)
+            note = " (done with a different command: delete the directory to rerun)" if state == "done" and changed(plan) else ""
+            print(f"\n[{state}] {plan.id}{note}")
+            for note in plan.notes:
+                print(f"  # {note}")
+            print("  " + shlex.join(command(plan, resume=state == "resume")))
+        return 0
+    try:
+        outcome = Runner(args.workers, args.threads).run(plans)
+    except KeyboardInterrupt:
+        print("interrupted: running cells were stopped; run the same command again to resume them", file=sys.stderr)
+        return 130
+    failed = sorted(c for c, s in outcome.items() if s != "done")
+    print(f"{len(outcome) - len(failed)}/{len(outcome)} cell(s) done" + (f"; not done: {', '.join(failed)}" if failed else ""))
+    print(f"tables and figures: python -m unified_vlm report {shlex.quote(str(spec.path))}" + (f" --out {shlex.quote(str(out_dir))}" if args.out else ""))
+    return 1 if failed else 0
+
+
+def select_plans(plans: list[CellPlan], pattern: Optional[str]) -> list[CellPlan]:
+    chosen = {c.id for c in select([p.cell for p in plans], pattern)}
+    return [p for p in plans if p.id in chosen]
