@@ -20,6 +20,7 @@ import yaml
 
 from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
 from unified_vlm.models.unified import UnifiedVLM
+from unified_vlm.precision import resolve_precision
 
 
 class Timer(L.Callback):
@@ -45,7 +46,7 @@ def main() -> None:
     model = UnifiedVLM(**config["model"])
     data = UnifiedDataModule(**config["data"])
     timer = Timer(args.warmup)
-    precision = args.precision or config["trainer"].get("precision", "32-true")
+    precision = resolve_precision(args.precision or config["trainer"].get("precision", "auto"), "cpu")
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=precision, max_steps=args.steps + args.warmup,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,

@@ -80,7 +80,7 @@ def fit_parser():
     from jsonargparse import Namespace
 
     from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
-    from unified_vlm.lightning_cli import UnifiedCLI
+    from unified_vlm.lightning_cli import UnifiedCLI, UnifiedTrainer
     from unified_vlm.models.unified import UnifiedVLM
 
     class _ParserOnly(UnifiedCLI):
@@ -90,10 +90,14 @@ def fit_parser():
         def _set_seed(self) -> None:
             pass
 
+        def before_instantiate_classes(self) -> None:
+            pass
+
         def instantiate_classes(self) -> None:
             pass
 
-    return _ParserOnly(UnifiedVLM, UnifiedDataModule, args=[], parser_kwargs={"exit_on_error": False}).parser
+    return _ParserOnly(UnifiedVLM, UnifiedDataModule, trainer_class=UnifiedTrainer, argv=[],
+                       parser_kwargs={"exit_on_error": False}).parser
 
 
 def parse(args: list[str]):
