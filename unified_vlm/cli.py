@@ -17,6 +17,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "pretrain-contrastive": ("unified_vlm.models.contrastive_pretrain:main", "SigLIP sigmoid-contrastive (image, caption) pretraining of the watch encoder"),
     "train-vq": ("unified_vlm.models.vq_module:main", "train the VQ image tokenizer on watch images"),
     "train-feature-decoder": ("unified_vlm.models.feature_decoder:main", "train a pixel decoder for continuous (SigLIP) output features"),
+    "train-reader": ("unified_vlm.pretraining.reader:main", "train the watch reader that scores generated watches"),
     "build-assets": ("unified_vlm.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
 }
 LIGHTNING = {
