@@ -175,7 +175,7 @@ def _check_features(real: Tensor, fake: Tensor) -> None:
         raise ValueError(f"a Fréchet distance needs at least 2 samples per side, got {len(real)} real and {len(fake)} fake")
 
 
-def frechet_with_interval(real: Tensor, fake: Tensor, bootstrap: int = 200, level: float = 0.95, seed: int = 0) -> dict:
+def frechet_with_interval(real: Tensor, fake: Tensor, bootstrap: int = 100, level: float = 0.95, seed: int = 0) -> dict:
     """FD between feature sets with a percentile bootstrap interval (both sides resampled with replacement).
 
     Returns ``{"fd", "low", "high", "level", "bootstrap", "n_real", "n_fake"}``. With fewer samples
@@ -204,7 +204,7 @@ def reference_renders(n: int = 1000, size: int = 64, split: str = "fd-reference"
     return to_tensor_batch([render_watch(sample_watch(seed, split, i), size) for i in range(n)])
 
 
-def reader_frechet(reader: WatchReader, generated: Any, real: Any | None = None, bootstrap: int = 200,
+def reader_frechet(reader: WatchReader, generated: Any, real: Any | None = None, bootstrap: int = 100,
                    seed: int = 0, kid: bool = True) -> dict:
     """FD (with its interval) and KID between ``generated`` pictures and ``real`` ones (default:
     1,000 ``reference_renders`` at the generated size), on the reader's features."""
@@ -253,7 +253,7 @@ inception_fid.__doc__ = inception_fid.__doc__.replace("{name}", INCEPTION_WEIGHT
 
 
 def generation_report(reader: WatchReader, images: Any, prompts: Iterable[Any], real: Any | None = None,
-                      bootstrap: int = 200, renderer: str | None = None) -> dict:
+                      bootstrap: int = 100, renderer: str | None = None) -> dict:
     """Faithfulness and Fréchet metrics of one set of generated pictures, in one dict (for
     ``test_scores.json``); ``renderer`` names what made the pixels (e.g. "vq_decoder", "retrieval:64")."""
     images = to_tensor_batch(images)

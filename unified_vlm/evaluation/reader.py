@@ -405,23 +405,29 @@ def load_reader(path: str | os.PathLike | None = "builtin") -> WatchReader:
 
 
 def reader_accuracy(reader: WatchReader, split: str, n: int, size: int, seed: int = 0) -> dict[str, float]:
-    """How well ``reader`` reads ``n`` clean renders of ``split`` at ``size`` px.
-
-    weather / corners: exact-match rate; time: mean PAPER.md 4.2 time score; battery_mae:
-    mean absolute error in points; is_watch: share read as a watch (probability > 0.5).
-    """
+    """How well ``reader`` reads ``n`` clean renders of ``split`` at ``size`` px (see ``reading_accuracy``)."""
     from unified_vlm.datamodules.watch import render_watch, sample_watch
-    from unified_vlm.scoring import score_time
 
     attrs = [sample_watch(seed, split, i) for i in range(n)]
-    readings = reader.read([render_watch(a, size) for a in attrs])
+    return reading_accuracy(reader.read([render_watch(a, size) for a in attrs]), attrs)
+
+
+def reading_accuracy(readings: Sequence[dict], attrs: Sequence[Any]) -> dict[str, float]:
+    """Readings against the true ``WatchAttributes``: weather / corners exact-match rate; time the
+    mean PAPER.md 4.2 time score; battery_mae the mean absolute error in points; is_watch the
+    share read as a watch (probability > 0.5)."""
+    from unified_vlm.scoring import score_time
+
+    if len(readings) != len(attrs):
+        raise ValueError(f"{len(readings)} readings for {len(attrs)} watches")
     mean = lambda values: float(np.mean(values))  # noqa: E731
+    pairs = list(zip(readings, attrs))
     return {
-        "weather": mean([r["weather"] == a.weather for r, a in zip(readings, attrs)]),
-        "weather_pos": mean([r["weather_pos"] == a.weather_pos for r, a in zip(readings, attrs)]),
-        "battery_pos": mean([r["battery_pos"] == a.battery_pos for r, a in zip(readings, attrs)]),
-        "time": mean([score_time(a.time_str(), r["time"]) for r, a in zip(readings, attrs)]),
-        "battery_mae": mean([abs(r["battery"] - a.battery) for r, a in zip(readings, attrs)]),
+        "weather": mean([r["weather"] == a.weather for r, a in pairs]),
+        "weather_pos": mean([r["weather_pos"] == a.weather_pos for r, a in pairs]),
+        "battery_pos": mean([r["battery_pos"] == a.battery_pos for r, a in pairs]),
+        "time": mean([score_time(a.time_str(), r["time"]) for r, a in pairs]),
+        "battery_mae": mean([abs(r["battery"] - a.battery) for r, a in pairs]),
         "is_watch": mean([r["is_watch"] > 0.5 for r in readings]),
     }
 
@@ -438,15 +444,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="reader-check", help="a split that no training used")
     p.add_argument("--sizes", default="64,224")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--vq-roundtrip", default=None, metavar="TOKENIZER",
+                   help="also read the renders after a round trip through this VQ tokenizer (builtin or a dir): "
+                        "what a perfect VQ-output model could at best produce")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     reader = load_reader(a.reader)
+    from unified_vlm.datamodules.watch import render_watch, sample_watch
+
     for size in (int(s) for s in a.sizes.split(",")):
+        attrs = [sample_watch(0, a.split, i) for i in range(a.n)]
+        images = to_tensor_batch([render_watch(x, size) for x in attrs])
         start = time.perf_counter()
-        acc = reader_accuracy(reader, a.split, a.n, size)
+        readings = reader.read(images)
         seconds = time.perf_counter() - start
+        acc = reading_accuracy(readings, attrs)
         print(json.dumps({"size": size, "n": a.n, **{k: round(v, 4) for k, v in acc.items()},
-                          "seconds_render_and_read": round(seconds, 1), "threads": a.threads}))
+                          "read_seconds": round(seconds, 2), "threads": a.threads}))
+        if a.vq_roundtrip:
+            from unified_vlm.builders import build_vq_tokenizer
+
+            vq = build_vq_tokenizer(a.vq_roundtrip).eval()
+            with torch.no_grad():
+                recon = torch.cat([vq.decode(vq.encode(images[i: i + 200])) for i in range(0, len(images), 200)])
+            if recon.shape[-1] != size:
+                recon = F.interpolate(recon, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            acc = reading_accuracy(reader.read(recon.clamp(0, 1)), attrs)
+            print(json.dumps({"size": size, "n": a.n, "vq_roundtrip": a.vq_roundtrip,
+                              **{k: round(v, 4) for k, v in acc.items()}}))
     return 0
 
 
