@@ -52,6 +52,9 @@ def test_frechet_distance_is_the_closed_form_for_a_shift():
     out = frechet_with_interval(real, real[:200] + shift, bootstrap=50, seed=1)
     assert out["low"] <= out["fd"] <= out["high"] and out["high"] - out["low"] < 5
     assert out["n_real"] == 400 and out["n_fake"] == 200
+    other = torch.randn(100, 8, dtype=torch.float64)  # same distribution, few samples: FD biased upward
+    out = frechet_with_interval(real[:100], other, bootstrap=50)
+    assert out["bootstrap_bias"] > 0 and out["low"] <= out["fd"] <= out["high"]
     same, _ = kernel_distance(real, real, subsets=10, subset_size=100)
     far, _ = kernel_distance(real, real + shift, subsets=10, subset_size=100)
     assert abs(same) < 0.05 < far
@@ -106,3 +109,18 @@ def test_renders_are_faithful_to_their_own_prompts_and_not_to_others():
     assert own["total"] > 0.95 and own["is_watch"] == 1.0
     assert other["total"] < own["total"] - 0.2
     assert own["count"] == 120 and own["count_per_attribute"]["time"] == 120
+
+
+@pytest.mark.skipif(shipped("watch_reader") is None, reason="no shipped reader")
+def test_generation_benchmark_runs_and_orders_the_reference_generators():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "generation_metrics.py"
+    spec = importlib.util.spec_from_file_location("generation_metrics", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = {r["images"]: r for r in bench.run(n=40, size=64, bootstrap=3, n_real=60)}
+    total = {k: r["faithfulness"]["total"] for k, r in rows.items()}
+    assert total["renders"] > 0.95 and total["other_prompts"] < total["renders"] - 0.2
+    assert rows["vq_roundtrip"]["frechet"]["fd"] > rows["renders"]["frechet"]["fd"]

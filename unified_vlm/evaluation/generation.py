@@ -154,11 +154,12 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
 
 
 def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 50, subset_size: int | None = None, seed: int = 0) -> tuple[float, float]:
-    """Kernel (KID-style) distance between feature sets: (mean, std) over random subsets, by torchmetrics."""
+    """Kernel (KID-style) distance between feature sets: (mean, std) over ``subsets`` random subsets
+    of ``subset_size`` per side (default: half the smaller side, at most 1,000, so subsets differ), by torchmetrics."""
     from torchmetrics.image.kid import KernelInceptionDistance
 
     _check_features(real, fake)
-    size = subset_size or min(len(real), len(fake), 1000)
+    size = subset_size or max(2, min(len(real), len(fake), 2000) // 2)
     metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size, normalize=True)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
@@ -176,11 +177,16 @@ def _check_features(real: Tensor, fake: Tensor) -> None:
 
 
 def frechet_with_interval(real: Tensor, fake: Tensor, bootstrap: int = 100, level: float = 0.95, seed: int = 0) -> dict:
-    """FD between feature sets with a percentile bootstrap interval (both sides resampled with replacement).
+    """FD between feature sets with a bootstrap interval (both sides resampled with replacement).
 
-    Returns ``{"fd", "low", "high", "level", "bootstrap", "n_real", "n_fake"}``. With fewer samples
-    than feature dimensions the covariances are singular and the FD is biased upward; the
-    interval shows the resampling spread, not that bias.
+    Resampling with replacement repeats pictures, and repeats alone raise the FD (it is biased
+    upward at finite sample sizes), so the raw percentiles of the draws can lie entirely above
+    the estimate. The interval is therefore the bootstrap distribution shifted by its bias
+    (``bootstrap_bias`` = mean of the draws minus the estimate): it is centred on ``fd`` and
+    as wide as the draws' central ``level`` share. It describes the sampling spread at this
+    sample size; compare FDs only at equal sample counts.
+
+    Returns ``{"fd", "low", "high", "level", "bootstrap", "bootstrap_bias", "n_real", "n_fake"}``.
     """
     fd = frechet_distance(real, fake)
     gen = torch.Generator().manual_seed(seed)
@@ -189,10 +195,11 @@ def frechet_with_interval(real: Tensor, fake: Tensor, bootstrap: int = 100, leve
         r = real[torch.randint(len(real), (len(real),), generator=gen)]
         f = fake[torch.randint(len(fake), (len(fake),), generator=gen)]
         draws.append(frechet_distance(r, f))
+    bias = float(np.mean(draws)) - fd
     alpha = (1 - level) / 2
-    low, high = (float(np.quantile(draws, q)) for q in (alpha, 1 - alpha))
-    return {"fd": fd, "low": low, "high": high, "level": level, "bootstrap": bootstrap,
-            "n_real": len(real), "n_fake": len(fake)}
+    low, high = (float(np.quantile(draws, q)) - bias for q in (alpha, 1 - alpha))
+    return {"fd": fd, "low": max(0.0, low), "high": high, "level": level, "bootstrap": bootstrap,
+            "bootstrap_bias": bias, "n_real": len(real), "n_fake": len(fake)}
 
 
 def reference_renders(n: int = 1000, size: int = 64, split: str = "fd-reference", seed: int = 0) -> Tensor:

@@ -61,8 +61,28 @@ class ReaderTrainConfig:
     jitter_fraction: float = 0.4
     val_size: int = 200  # per size (64 and 224), clean renders of reader-val
     val_every: int = 500
-    precision: str = "bf16"  # "bf16" autocast or "32"
+    precision: str = "auto"  # "bf16" autocast, "32", or "auto": bf16 only where the CPU has native bf16
     reader: WatchReaderConfig = field(default_factory=WatchReaderConfig)
+
+
+HELP = {
+    "minutes": "wall-time budget; the cosine schedule is sized from the measured step time",
+    "max_steps": "> 0: train exactly this many steps instead of a time budget",
+    "batch_size": "watches per step",
+    "threads": "torch CPU threads (1 on a shared machine)",
+    "sizes": "comma list of square render sizes drawn per step",
+    "size_weights": "comma list of their probabilities",
+    "negative_fraction": "share of non-watch pictures (trains is_watch)",
+    "vq_fraction": "share of a batch round-tripped through the VQ tokenizer",
+    "vq_tokenizer": "VQ tokenizer for that augmentation: builtin, a directory, or none",
+    "blur_fraction": "share blurred (sigma 0.2-0.8 px at 64 px, scaled with size)",
+    "noise_fraction": "share with colour gain/offset and pixel noise",
+    "jpeg_fraction": "share JPEG-compressed (quality 30-90)",
+    "jitter_fraction": "share shifted (<= 1.5 %%) and zoomed (<= 3 %%)",
+    "val_size": "clean reader-val watches per size (64 and 224) for the final accuracy",
+    "val_every": "steps between interim accuracy checks (100 watches per size); 0: none",
+    "precision": "auto (bf16 only with native CPU bf16), bf16 or 32",
+}
 
 
 # ----------------------------------------------------------------------------- negatives
@@ -233,6 +253,16 @@ def losses(reader: WatchReader, batch: dict[str, Tensor], images: Tensor) -> tup
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively: without it a bf16 matmul ran 100x slower than fp32 (MACHINE.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -256,7 +286,10 @@ def train_reader(cfg: ReaderTrainConfig) -> tuple[WatchReader, dict]:
         no_decay = [p for p in reader.parameters() if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        if cfg.precision not in ("auto", "bf16", "32"):
+            raise ValueError(f"precision must be auto, bf16 or 32, got {cfg.precision!r}")
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16())
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
         total_steps = cfg.max_steps or 10**9
         start = time.perf_counter()
         history = []
@@ -327,8 +360,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if name in ("out", "reader"):
             continue
         kind = _tuple(type(value[0])) if isinstance(value, tuple) else type(value)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value,
-                       help=f"default: {','.join(map(str, value)) if isinstance(value, tuple) else value}")
+                       help=f"{HELP.get(name, '')} (default: {shown})".strip())
     for name, value in asdict(defaults.reader).items():
         kind = _tuple(int) if isinstance(value, tuple) else type(value)
         p.add_argument(f"--reader-{name.replace('_', '-')}", type=kind, default=value, help=f"architecture, default: {value}")
