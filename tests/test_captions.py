@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from unified_vlm.datamodules.streams import WatchStream
-from unified_vlm.evaluation.captions import ATTRIBUTES, CaptionScorer, parse_text, score_captions, score_value
+from unified_vlm.evaluation.captions import (
+    ATTRIBUTES, CaptionScorer, parse_text, score_captions, score_statements, score_value, truth_strings,
+)
 
 TRUTH = {"hour": 7, "minute": 13, "second": 7, "weather": "sunny", "battery": 57,
          "weather_pos": "top-left", "battery_pos": "bottom-right", "face_color": [1, 2, 3]}
@@ -29,8 +31,6 @@ def test_builder_texts_parse_back_to_their_attributes():
         parsed = parse_text(record["conversations"][turn]["value"])
         assert "time" in parsed.stated()
         seen |= parsed.stated()
-        from unified_vlm.evaluation.captions import score_statements, truth_strings
-
         scores = score_statements(parsed, truth_strings(record["attributes"]))
         assert scores and all(s == 1.0 for s in scores.values()), (record["conversations"], scores)
     assert seen == set(ATTRIBUTES)

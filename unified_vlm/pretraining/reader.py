@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from unified_vlm.datamodules.watch import (
-    BACKGROUND, CORNERS, WEATHERS, face_geometry, render_watch, sample_watch,
+    BACKGROUND, CORNERS, face_geometry, render_watch, sample_watch,
 )
 from unified_vlm.evaluation.reader import CORNER_CLASSES, WatchReader, WatchReaderConfig, hand_columns, reader_accuracy
 
