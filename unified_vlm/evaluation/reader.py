@@ -119,7 +119,7 @@ class _PolarBranch(nn.Module):
             cin = cout
             if k:
                 rows = (rows + 1) // 2
-        self.convs = nn.ModuleList(m for m in layers)
+        self.convs = nn.ModuleList(layers)
         self.ray = nn.Sequential(nn.Conv1d(cin * rows, dim, 1), nn.SiLU(),
                                  nn.Conv1d(dim, dim, 5, padding=2, padding_mode="circular"), nn.SiLU())
         self.hands = nn.Conv1d(dim, len(HANDS), 3, padding=1, padding_mode="circular")
