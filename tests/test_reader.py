@@ -186,3 +186,16 @@ def test_shipped_reader_rejects_non_watches():
     images = [_negative(rng, 64, i) for i in range(60)]
     accepted = [r["is_watch"] > 0.5 for r in load_reader().read(images)]
     assert np.mean(accepted) < 0.1
+
+
+@needs_reader
+def test_shipped_reader_rejects_decoded_random_vq_codes():
+    """What an untrained VQ-output model draws (random codes through the shipped decoder) is not a watch."""
+    from unified_vlm.builders import build_vq_tokenizer
+
+    torch.manual_seed(0)
+    vq = build_vq_tokenizer("builtin")
+    with torch.no_grad():
+        images = vq.decode(torch.randint(0, vq.codebook_size, (100, vq.num_tokens))).clamp(0, 1)
+    accepted = [r["is_watch"] > 0.5 for r in load_reader().read(images)]
+    assert np.mean(accepted) < 0.15
