@@ -10,10 +10,10 @@ size, so 64 px and 224 px pictures are read by the same weights:
 - the **hands** branch unrolls the face into polar coordinates (rows: distance from the centre,
   columns: ``polar_columns`` angles clockwise from 12 o'clock) and convolves with circular
   padding along the angle, so every column is read by the same weights; it predicts, per hand,
-  which column the hand points to. Reading angles this way is translation-equivariant, which
-  makes it far more sample-efficient than classifying 60 minute positions from a flat image
-  (the three hands differ by length and width, which the radial profile shows). Hour is
-  decoded from the hour-hand angle minus the minute's share, as the renderer draws it;
+  which column the hand points to. Reading angles this way is translation-equivariant: one
+  training watch teaches every angle (the three hands differ by length and width, which the
+  radial profile shows). Hour is decoded from the hour-hand angle minus the minute's share,
+  as the renderer draws it;
 - the **face** branch sees the face square at ``face_size`` and says whether the picture is a
   watch at all (a face disc with hands);
 - the **corner** branch sees each of the four corner boxes where the paper draws the weather
