@@ -18,6 +18,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "train-vq": ("unified_vlm.pretraining.vq:main", "train the VQ image tokenizer on watch images"),
     "train-feature-decoder": ("unified_vlm.pretraining.feature_decoder:main", "train a pixel decoder for continuous (SigLIP) output features"),
     "evaluate": ("unified_vlm.experiments.evaluate:main", "score every checkpoint of a run directory (one row each)"),
+    "train-reader": ("unified_vlm.pretraining.reader:main", "train the watch reader that scores generated watches"),
     "build-assets": ("unified_vlm.pretraining.build_assets:main", "rebuild the built-in weights shipped in unified_vlm/assets"),
     "probe": ("unified_vlm.evaluation.probes:main", "linear probe + t-SNE of one image token's adapter outputs by attribute"),
     "experiment": ("unified_vlm.experiments.runner:main", "run the cells of an experiment file (resumable; --dry-run, --workers, SLURM)"),
