@@ -9,7 +9,8 @@ from unified_vlm.assets import shipped
 from unified_vlm.datamodules.streams import WatchStream
 from unified_vlm.datamodules.watch import render_watch, sample_watch
 from unified_vlm.evaluation.generation import (
-    GenerationScorer, frechet_distance, frechet_with_interval, inception_fid, kernel_distance, prompt_of,
+    GenerationScorer, frechet_distance, frechet_with_interval, generation_report, inception_fid, kernel_distance,
+    prompt_of,
     reader_fid_metric, reader_frechet, score_generation,
 )
 from unified_vlm.evaluation.reader import WatchReader, WatchReaderConfig
@@ -109,6 +110,9 @@ def test_renders_are_faithful_to_their_own_prompts_and_not_to_others():
     assert own["total"] > 0.95 and own["is_watch"] == 1.0
     assert other["total"] < own["total"] - 0.2
     assert own["count"] == 120 and own["count_per_attribute"]["time"] == 120
+    report = generation_report(reader, images[:40], records[:40], real=images[40:], bootstrap=3, renderer="vq_decoder")
+    assert report["renderer"] == "vq_decoder" and report["image_size"] == 64
+    assert report["faithfulness"]["count"] == 40 and report["frechet"]["n_real"] == 80
 
 
 @pytest.mark.skipif(shipped("watch_reader") is None, reason="no shipped reader")
