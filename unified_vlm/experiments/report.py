@@ -24,29 +24,9 @@ from typing import Any, Optional
 import yaml
 
 from unified_vlm.experiments import results
+from unified_vlm.experiments.spec import CURVE_TASKS, DEFAULT_CURVES
 
-DEFAULT_CURVES = {"understanding": "val/vqa/total", "generation": "val/image_loss"}
-CURVE_TASKS = {"understanding": "vqa", "generation": "generation"}
-REPORT_KEYS = {"curves", "lines", "bars"}
 EXPERIMENT_FILE = "experiment.json"
-
-
-def check_report_options(report: dict, axes: list[str], spec_path) -> None:
-    """Reject report options that would silently draw nothing."""
-    from unified_vlm.experiments.spec import SpecError
-
-    unknown = set(report) - REPORT_KEYS
-    if unknown:
-        raise SpecError(f"{spec_path}: report: unknown key(s) {sorted(unknown)}; allowed: {sorted(REPORT_KEYS)}")
-    curves = report.get("curves", {})
-    if not isinstance(curves, dict) or set(curves) - set(CURVE_TASKS):
-        raise SpecError(f"{spec_path}: report.curves maps {sorted(CURVE_TASKS)} to a metrics.csv column, e.g. {DEFAULT_CURVES}")
-    for n, line in enumerate(report.get("lines", []) or []):
-        if not isinstance(line, dict) or set(line) - {"axis", "metrics", "x"} or line.get("axis") not in axes:
-            raise SpecError(f"{spec_path}: report.lines[{n}] must be {{axis: one of {axes}, metrics: [..], x: {{label: number}}}}")
-    bars = report.get("bars", {})
-    if not isinstance(bars, dict) or set(bars) - {"metrics"}:
-        raise SpecError(f"{spec_path}: report.bars must be {{metrics: [scope.metric, ...]}}")
 
 
 @dataclass
@@ -108,8 +88,7 @@ def load(target: str | Path, out: Optional[str | Path] = None) -> Experiment:
                                     "(python -m unified_vlm experiment writes it)")
         meta, directory = json.loads(meta_path.read_text()), target
     else:
-        from unified_vlm.experiments.runner import default_out
-        from unified_vlm.experiments.spec import load_spec
+        from unified_vlm.experiments.spec import default_out, load_spec
 
         spec = load_spec(target)
         directory = Path(out) if out else default_out(spec)

@@ -26,13 +26,9 @@ import yaml
 
 from unified_vlm.experiments import results
 from unified_vlm.experiments.plan import CellPlan, plan_cells
-from unified_vlm.experiments.spec import ExperimentSpec, SpecError, load_spec, select
+from unified_vlm.experiments.spec import ExperimentSpec, SpecError, default_out, load_spec, select
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-def default_out(spec: ExperimentSpec) -> Path:
-    return Path("runs") / "experiments" / spec.name
 
 
 def available_cpus() -> int:
@@ -65,7 +61,7 @@ def _now() -> str:
 
 
 def _write_json(path: Path, payload) -> None:
-    from unified_vlm.callbacks.evaluation_report import write_json_atomically
+    from unified_vlm.files import write_json_atomically
 
     write_json_atomically(path, payload)
 

@@ -322,8 +322,6 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     report = raw.get("report") or {}
     if not isinstance(report, dict):
         raise SpecError(f"{spec_path}: report must be a mapping (see docs/experiments.md)")
-    from unified_vlm.experiments.report import check_report_options
-
     check_report_options(report, [a.name for a in axes], spec_path)
     description = raw.get("description", "")
     return ExperimentSpec(name, spec_path, str(description), base, fixed, axes,
@@ -342,3 +340,29 @@ def cli_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(value)
+
+
+def default_out(spec: ExperimentSpec) -> Path:
+    """Where an experiment's cells run unless ``--out`` says otherwise."""
+    return Path("runs") / "experiments" / spec.name
+
+
+DEFAULT_CURVES = {"understanding": "val/vqa/total", "generation": "val/image_loss"}
+CURVE_TASKS = {"understanding": "vqa", "generation": "generation"}
+REPORT_KEYS = {"curves", "lines", "bars"}
+
+
+def check_report_options(report: dict, axes: list[str], spec_path) -> None:
+    """Reject report options that would silently draw nothing."""
+    unknown = set(report) - REPORT_KEYS
+    if unknown:
+        raise SpecError(f"{spec_path}: report: unknown key(s) {sorted(unknown)}; allowed: {sorted(REPORT_KEYS)}")
+    curves = report.get("curves", {})
+    if not isinstance(curves, dict) or set(curves) - set(CURVE_TASKS):
+        raise SpecError(f"{spec_path}: report.curves maps {sorted(CURVE_TASKS)} to a metrics.csv column, e.g. {DEFAULT_CURVES}")
+    for n, line in enumerate(report.get("lines", []) or []):
+        if not isinstance(line, dict) or set(line) - {"axis", "metrics", "x"} or line.get("axis") not in axes:
+            raise SpecError(f"{spec_path}: report.lines[{n}] must be {{axis: one of {axes}, metrics: [..], x: {{label: number}}}}")
+    bars = report.get("bars", {})
+    if not isinstance(bars, dict) or set(bars) - {"metrics"}:
+        raise SpecError(f"{spec_path}: report.bars must be {{metrics: [scope.metric, ...]}}")
