@@ -115,7 +115,7 @@ def test_evaluate_scores_every_checkpoint_of_a_run(tmp_path, tiny_vq_dir, capsys
     assert main(["evaluate", str(run), "--report.fd_reference", "16", "--report.bootstrap", "5"]) == 0
     rows = json.loads((run / "evaluation.json").read_text())
     assert [r["checkpoint"] for r in rows][-1] == "last.ckpt" and len(rows) == len(checkpoints)
-    assert all(isinstance(r["all_turns/total"], float) and "captions/total/precision" in r for r in rows)
+    assert all(isinstance(r["all_turns/total"], float) and isinstance(r["captions/total/stated"], float) for r in rows)
     assert rows[-1]["step"] == 3
     assert (run / "evaluation.csv").read_text().startswith("checkpoint,step,")
     stamp = (run / "evaluation" / "last" / "test_scores.json").stat().st_mtime

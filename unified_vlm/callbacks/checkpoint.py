@@ -20,7 +20,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     Lightning saves ``last.ckpt`` at validation only when a top-k checkpoint was saved in the same
     step, so with ``save_top_k: 0`` a run that crashes keeps nothing; here every validation writes
-    it (``every_n_train_steps`` adds saves between validations). Each file is written beside its
+    it (``every_n_train_steps`` adds saves between validations), and so does the end of training. Each file is written beside its
     target and renamed into place, so a crash mid-write leaves the previous one. A model whose
     weights are not finite is never saved: the last good checkpoint stays.
     """
@@ -29,6 +29,14 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
                 and not self._should_save_on_train_epoch_end(trainer)
+                and self._last_global_step_saved != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """The weights training ended with are in ``last.ckpt`` too, also when the last step was not
+        a validation step (``max_steps`` not a multiple of ``val_check_interval``)."""
+        super().on_train_end(trainer, pl_module)
+        if (self.save_last and not trainer.fast_dev_run and not trainer.sanity_checking
                 and self._last_global_step_saved != trainer.global_step):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
