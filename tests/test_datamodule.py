@@ -77,11 +77,11 @@ def test_records_file_gives_the_same_batches_as_streaming(collator, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_test_split_holds_vqa_and_generation_records(collator):
+def test_test_split_holds_vqa_generation_and_caption_records(collator):
     dm = UnifiedDataModule(collator=collator, image_size=16, num_test_watches=3, eval_batch_size=4, num_workers=0)
     dm.setup("test")
     records = [r for batch in dm.test_dataloader() for r in batch]
-    assert Counter(r["task"] for r in records) == {"generation": 3, "vqa": 3}
+    assert Counter(r["task"] for r in records) == {"generation": 3, "vqa": 3, "caption": 3}
     assert records[0]["image"].shape == (3, 16, 16)
 
 

@@ -121,8 +121,9 @@ def test_missing_builtin_assets_are_trained_under_fit(tmp_path, monkeypatch, tin
     from unified_vlm.pretraining import vq as vq_job
 
     monkeypatch.setenv("UNIFIED_VLM_CACHE", str(tmp_path / "cache"))
-    package = tmp_path / "package_assets"  # only the text tokenizer is "shipped"
-    shutil.copytree(assets.shipped("watch_tokenizer"), package / "watch_tokenizer")
+    package = tmp_path / "package_assets"  # only the text tokenizer and the reader are "shipped"
+    for kept in ("watch_tokenizer", "watch_reader"):  # the reader scores, it is no model part
+        shutil.copytree(assets.shipped(kept), package / kept)
     monkeypatch.setattr(assets, "ASSETS_DIR", package)
     monkeypatch.setitem(assets.BUILTIN_ASSETS, "encoder", dataclasses.replace(assets.BUILTIN_ASSETS["encoder"], minutes=0.001))
     monkeypatch.setattr(vq_job, "train_vq_tokenizer", functools.partial(

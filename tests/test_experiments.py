@@ -49,15 +49,21 @@ def test_regimes_follow_the_papers_step_arithmetic(tmp_path):
     """Equal-epoch baselines train the share of the mixed run's draws their tasks make up; equal-step
     ones as many steps as the mixed run (PAPER.md 3.2: 459 / 306 / 153 at paper size)."""
     tiny = plan_cells(load_spec(ROOT / "configs/experiments/tiny_mixed_vs_specific.yaml"), tmp_path)
-    fixed = 300  # the tiny experiment's placeholder trainer.max_steps
-    # SigLIP-VQ mixes by data.proportions {vqa 0.6, caption 0.2, generation 0.2}
-    assert steps_of(tiny, "architecture=siglip_vq__regime=mixed__seed=0") == fixed
-    assert steps_of(tiny, "architecture=siglip_vq__regime=understanding_epoch__seed=1") == round(fixed * 0.8)
-    assert steps_of(tiny, "architecture=siglip_vq__regime=generation_epoch__seed=2") == round(fixed * 0.2)
-    assert steps_of(tiny, "architecture=siglip_vq__regime=generation_step__seed=0") == fixed
-    # VQ-VQ draws every record once: 1 of 3 records per watch is a generation record
-    assert steps_of(tiny, "architecture=vq_vq__regime=understanding_epoch__seed=0") == 200
-    assert steps_of(tiny, "architecture=vq_vq__regime=generation_epoch__seed=0") == 100
+    fixed = 400  # the tiny experiment's trainer.max_steps, on the paper's equal mix (data.proportions null)
+    for arch in ("siglip_vq", "vq_vq"):  # every record once: 1 of 3 records per watch is a generation record
+        assert steps_of(tiny, f"architecture={arch}__regime=mixed__seed=0") == fixed
+        assert steps_of(tiny, f"architecture={arch}__regime=understanding_epoch__seed=1") == round(fixed * 2 / 3)
+        assert steps_of(tiny, f"architecture={arch}__regime=generation_epoch__seed=2") == round(fixed / 3)
+        assert steps_of(tiny, f"architecture={arch}__regime=generation_step__seed=0") == fixed
+    # With data.proportions the shares come from the weights: {vqa 0.6, caption 0.2, generation 0.2}
+    raw = yaml.safe_load((ROOT / "configs/experiments/tiny_mixed_vs_specific.yaml").read_text())
+    raw["fixed"].update({"data.proportions": {"vqa": 0.6, "caption": 0.2, "generation": 0.2}, "trainer.max_steps": 300})
+    weighted_file = tmp_path / "weighted.yaml"
+    weighted_file.write_text(yaml.safe_dump(raw))
+    weighted = plan_cells(load_spec(weighted_file), tmp_path / "weighted")
+    assert steps_of(weighted, "architecture=siglip_vq__regime=understanding_epoch__seed=1") == 240
+    assert steps_of(weighted, "architecture=siglip_vq__regime=generation_epoch__seed=2") == 60
+    tiny = weighted
     understanding = next(p for p in tiny if p.id == "architecture=siglip_vq__regime=understanding_step__seed=0")
     assert understanding.config["data"]["mode"] == "understanding"
     assert understanding.config["data"]["proportions"] == {"vqa": 0.6, "caption": 0.2}

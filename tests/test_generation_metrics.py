@@ -128,3 +128,13 @@ def test_generation_benchmark_runs_and_orders_the_reference_generators():
     total = {k: r["faithfulness"]["total"] for k, r in rows.items()}
     assert total["renders"] > 0.95 and total["other_prompts"] < total["renders"] - 0.2
     assert rows["vq_roundtrip"]["frechet"]["fd"] > rows["renders"]["frechet"]["fd"]
+
+
+def test_reference_renders_follow_a_variant_style():
+    """The Fréchet reference is drawn the way the split under test is drawn (dataset variants)."""
+    from unified_vlm.datamodules.variants import SplitStyle
+    from unified_vlm.evaluation.generation import reference_renders
+
+    standard = reference_renders(4, 32)
+    assert torch.equal(standard, reference_renders(4, 32, style=SplitStyle()))
+    assert not torch.equal(standard, reference_renders(4, 32, style=SplitStyle(icons="flat", battery_color="blue")))

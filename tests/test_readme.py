@@ -32,7 +32,9 @@ def test_readme_commands_and_configs_exist():
 
 def accepted_options() -> dict[str, set[str]]:
     """Every ``--group.option`` group the CLI has, with the options it takes."""
-    from unified_vlm.callbacks import EvaluationReport, NonFiniteLossGuard, PredictionWriter, RunCheckpoint, VQAProbe
+    from unified_vlm.callbacks import (
+        EvaluationReport, GenerationProbe, NonFiniteLossGuard, PredictionWriter, RunCheckpoint, VQAProbe,
+    )
 
     def params(fn) -> set[str]:
         return set(inspect.signature(fn).parameters) - {"self", "args", "kwargs"}
@@ -44,6 +46,7 @@ def accepted_options() -> dict[str, set[str]]:
         "report": params(EvaluationReport.__init__),
         "predictions": params(PredictionWriter.__init__),
         "vqa_probe": params(VQAProbe.__init__),
+        "generation_probe": params(GenerationProbe.__init__),
         "checkpoint": params(RunCheckpoint.__init__),
         "nonfinite": params(NonFiniteLossGuard.__init__),
     }

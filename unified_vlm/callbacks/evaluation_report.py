@@ -32,6 +32,16 @@ def gather_objects(trainer: L.Trainer, items: list) -> list:
     return [x for part in gathered for x in part]
 
 
+def validation_records(trainer: L.Trainer, task: str, limit: int) -> list[dict]:
+    """This rank's share of the first ``limit`` records of ``task`` in the validation split."""
+    datamodule = getattr(trainer, "datamodule", None)
+    dataset = getattr(datamodule, "datasets", {}).get("val") if datamodule is not None else None
+    if dataset is None:
+        return []
+    chosen = [i for i, t in enumerate(dataset.tasks()) if t == task][:limit]
+    return [dataset[i] for i in chosen[trainer.global_rank::trainer.world_size]]
+
+
 def image_grid(pairs: list[tuple[torch.Tensor, Optional[torch.Tensor]]], cell: int = 128, columns: int = 8) -> torch.Tensor:
     """Ground truth above generated, ``columns`` pairs per row; a missing image is drawn grey."""
     tiles = []
@@ -105,14 +115,14 @@ class EvaluationReport(L.Callback):
         generated = gather_objects(trainer, self.generated)
         captions = gather_objects(trainer, self.captions)
         self.summary = scorer.summary()
-        self.summary.update(self._generation(generated, pl_module))
+        self.summary.update(self._generation(generated, pl_module, split_style(trainer, "test")))
         if captions:
             self.summary["captions"] = score_caption_items(captions)
         for name, value in flat_metrics(self.summary).items():
             pl_module.log(f"test/{name}", value, sync_dist=False)
         self._write(run_dir(trainer), pl_module, scorer, generated)  # log_dir is read on every rank (DDP)
 
-    def _generation(self, generated: list[dict], pl_module) -> dict:
+    def _generation(self, generated: list[dict], pl_module, style=None) -> dict:
         """The ``generation`` entry: faithfulness and Fréchet distance of the generated images."""
         if not generated or self.reader is None:
             return {}
@@ -124,7 +134,7 @@ class EvaluationReport(L.Callback):
         if len(made) < 2:
             return {"generation": report}
         images = torch.stack([g["image"].float() for g in made])
-        real = reference_renders(self.fd_reference, images.shape[-1])
+        real = reference_renders(self.fd_reference, images.shape[-1], style=style)
         report.update(generation_report(load_reader(self.reader), images, [g["prompt"] for g in made], real=real,
                                         bootstrap=self.bootstrap, renderer=renderer_name(pl_module)))
         if self.inception_weights is not None:
@@ -160,6 +170,12 @@ class EvaluationReport(L.Callback):
                 },
             )
             print(f"wrote {directory / self.grid_file}")
+
+
+def split_style(trainer, split: str):
+    """The look of ``split`` (a dataset variant's ``SplitStyle``), or None for the standard one."""
+    variant = getattr(getattr(trainer, "datamodule", None), "variant", None)
+    return variant.style(split) if variant is not None else None
 
 
 def renderer_name(pl_module) -> str:

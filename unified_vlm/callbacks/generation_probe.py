@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from unified_vlm.callbacks.evaluation_report import gather_objects, image_grid, run_dir
+from unified_vlm.callbacks.evaluation_report import gather_objects, image_grid, run_dir, split_style, validation_records
 
 
 class GenerationProbe(L.Callback):
@@ -36,18 +36,10 @@ class GenerationProbe(L.Callback):
 
             self._reader = load_reader(self.reader_path)  # a missing reader fails now, not after the first validation
 
-    def _records(self, trainer) -> list[dict]:
-        datamodule = getattr(trainer, "datamodule", None)
-        dataset = getattr(datamodule, "datasets", {}).get("val") if datamodule is not None else None
-        if dataset is None:
-            return []
-        gen = [i for i, task in enumerate(dataset.tasks()) if task == "generation"][: self.max_images]
-        return [dataset[i] for i in gen[trainer.global_rank::trainer.world_size]]
-
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self.max_images == 0 or trainer.sanity_checking or not hasattr(pl_module, "generate_images"):
             return
-        records = self._records(trainer)
+        records = validation_records(trainer, "generation", self.max_images)
         if not records and trainer.world_size == 1:
             return
         was_training = pl_module.training
@@ -68,7 +60,8 @@ class GenerationProbe(L.Callback):
         images = torch.stack([i["image"].float() for i in items])
         size = int(images.shape[-1])
         if size not in self._real_features:
-            self._real_features[size] = self._reader.features(reference_renders(self.fd_reference, size))
+            self._real_features[size] = self._reader.features(
+                reference_renders(self.fd_reference, size, style=split_style(trainer, "val")))
         faith = score_generation(self._reader, images, [i["prompt"] for i in items])
         self.last = {k: float(v) for k, v in faith.items() if isinstance(v, float)}
         self.last["fd"] = frechet_distance(self._real_features[size], self._reader.features(images))

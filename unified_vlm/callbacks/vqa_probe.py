@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import torch
 
-from unified_vlm.callbacks.evaluation_report import gather_objects
+from unified_vlm.callbacks.evaluation_report import gather_objects, validation_records
 from unified_vlm.evaluation.vqa import score_answers
 
 
@@ -22,18 +22,10 @@ class VQAProbe(L.Callback):
         self.max_records = max_records
         self.last: dict[str, float] = {}
 
-    def _records(self, trainer) -> list[dict]:
-        datamodule = getattr(trainer, "datamodule", None)
-        dataset = getattr(datamodule, "datasets", {}).get("val") if datamodule is not None else None
-        if dataset is None:
-            return []
-        vqa = [i for i, task in enumerate(dataset.tasks()) if task == "vqa"][: self.max_records]
-        return [dataset[i] for i in vqa[trainer.global_rank::trainer.world_size]]
-
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self.max_records == 0 or trainer.sanity_checking or not hasattr(pl_module, "answer_vqa"):
             return
-        records = self._records(trainer)
+        records = validation_records(trainer, "vqa", self.max_records)
         if not records and trainer.world_size == 1:
             return
         was_training = pl_module.training

@@ -11,6 +11,10 @@ distribution of generated watches to real renders?
   ``KernelInceptionDistance`` with ``feature=`` the reader), with a bootstrap 95 % interval.
 - **Inception FID** for users with the Inception weights file on disk (``inception_fid``):
   nothing is downloaded; a missing file or package is a clear error.
+
+Every torchmetrics metric here is built with ``sync_on_compute=False``: the callers hand each
+process the gathered images already, and a metric that synchronised across DDP ranks by itself
+would wait forever for ranks that do not compute it (found with the generation probe under DDP).
 """
 from __future__ import annotations
 
@@ -138,7 +142,7 @@ def reader_fid_metric(reader: WatchReader):
     takes float images in [0, 1] of any one square size."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=ReaderFeatures(reader), normalize=True)
+    metric = FrechetInceptionDistance(feature=ReaderFeatures(reader), normalize=True, sync_on_compute=False)
     return metric
 
 
@@ -147,7 +151,7 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     _check_features(real, fake)
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), normalize=True)
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), normalize=True, sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
@@ -160,7 +164,8 @@ def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 50, subset_size: 
 
     _check_features(real, fake)
     size = subset_size or max(2, min(len(real), len(fake), 2000) // 2)
-    metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size, normalize=True)
+    metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size, normalize=True,
+                                     sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng():
@@ -202,13 +207,18 @@ def frechet_with_interval(real: Tensor, fake: Tensor, bootstrap: int = 100, leve
             "bootstrap_bias": bias, "n_real": len(real), "n_fake": len(fake)}
 
 
-def reference_renders(n: int = 1000, size: int = 64, split: str = "fd-reference", seed: int = 0) -> Tensor:
+def reference_renders(n: int = 1000, size: int = 64, split: str = "fd-reference", seed: int = 0,
+                      style: Any = None) -> Tensor:
     """``n`` held-out renders (N, 3, size, size) in [0, 1]: the real side of the Fréchet distance.
 
-    ``fd-reference`` is a split no model and no reader trains on."""
-    from unified_vlm.datamodules.watch import render_watch, sample_watch
+    ``fd-reference`` is a split no model and no reader trains on. ``style`` (a
+    ``datamodules.variants.SplitStyle``, default: the standard look) draws them the way the test
+    split of a dataset variant is drawn (layout, icons, colours, font, rendering)."""
+    from unified_vlm.datamodules.watch import DEFAULT_STYLE, render_watch, sample_watch
 
-    return to_tensor_batch([render_watch(sample_watch(seed, split, i), size) for i in range(n)])
+    layout = getattr(style, "layout", "random")
+    look = style.watch_style() if style is not None else DEFAULT_STYLE
+    return to_tensor_batch([render_watch(sample_watch(seed, split, i, layout=layout), size, look) for i in range(n)])
 
 
 def reader_frechet(reader: WatchReader, generated: Any, real: Any | None = None, bootstrap: int = 100,
@@ -249,7 +259,8 @@ def inception_fid(real: Any, fake: Any, weights_path: str | os.PathLike | None, 
         ) from err
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights_path))
+    metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights_path),
+                                      sync_on_compute=False)
     for images, is_real in ((to_tensor_batch(real), True), (to_tensor_batch(fake), False)):
         for start in range(0, len(images), batch_size):
             metric.update(images[start: start + batch_size], real=is_real)

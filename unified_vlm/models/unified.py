@@ -628,7 +628,8 @@ class UnifiedVLM(L.LightningModule):
         for start in range(0, len(records), 64):
             chunk = records[start:start + 64]
             prompts = [self.collator.encode_prompt(rec["conversations"], 0) for rec in chunk]
-            outs = self.generate(prompts, [rec["image"] for rec in chunk], image_policy="never", max_new_tokens=CAPTION_TOKENS)
+            outs = self.generate(prompts, [rec["image"] for rec in chunk], image_policy="never", max_new_tokens=CAPTION_TOKENS,
+                                 cfg_scale=1.0)  # guidance is for text-to-image prompts
             for rec, out in zip(chunk, outs):
                 results.append({"record_id": rec["id"], "prompt": rec["conversations"][0]["value"],
                                 "reference": rec["conversations"][1]["value"],
