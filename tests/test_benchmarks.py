@@ -49,3 +49,18 @@ def test_position_binding_runs(monkeypatch, capsys):
     for line in lines[1:]:
         accuracy = float(line.split("position exact match")[1].split()[0])
         assert 0.0 <= accuracy <= 1.0
+
+
+def test_generation_speed_runs_on_a_checkpoint(tmp_path, tiny_vq_dir, monkeypatch, capsys):
+    from test_cli import MAIN_CONFIG, tiny_overrides
+    from unified_vlm.cli import main as cli_main
+
+    tiny = tiny_overrides(tmp_path, tiny_vq_dir)
+    cli_main(["fit", "--config", str(MAIN_CONFIG), "--config", str(tiny), "--test_after_fit", "false"])
+    capsys.readouterr()
+    ckpt = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    monkeypatch.setattr(sys, "argv", ["generation_speed.py", "--ckpt", str(ckpt), "--n", "4", "--batch-size", "2",
+                                      "--image-size", "16"])
+    load("generation_speed").main()
+    out = capsys.readouterr().out
+    assert "of 4 watches in" in out and "reader Fréchet distance" in out

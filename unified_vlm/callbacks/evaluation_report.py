@@ -197,13 +197,14 @@ def score_caption_items(items: list[dict]) -> dict:
 
 
 def flat_metrics(summary: dict, prefix: str = "") -> dict[str, float]:
-    """Every number of a nested summary as ``a/b/c`` keys (counts and None left out), for loggers."""
+    """Every number of a nested summary as ``a/b/c`` keys (counts, anything under a count and None
+    left out), for loggers."""
     out: dict[str, float] = {}
     for key, value in summary.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flat_metrics(value, name + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and "count" not in key and not key.startswith("n_"):
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and "count" not in name and not key.startswith("n_"):
             out[name] = float(value)
     return out
 
