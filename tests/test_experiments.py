@@ -163,10 +163,10 @@ def fake_cell(root: Path, cell_id: str, total: float | None, mode: str = "mixed"
     (directory / "logs" / "version_0").mkdir(parents=True)
     (directory / "config.yaml").write_text(yaml.safe_dump({"data": {"mode": mode}}))
     with open(directory / "logs" / "version_0" / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "val/vqa/total", "val/image_loss"])
+        writer = csv.DictWriter(f, fieldnames=["step", "val/vqa/total", "val/gen/total"])
         writer.writeheader()
         for step, value in zip((9, 19), curve):
-            writer.writerow({"step": step, "val/vqa/total": value, "val/image_loss": 5 - value})
+            writer.writerow({"step": step, "val/vqa/total": value, "val/gen/total": 1 - value})
     if total is None:
         (directory / results.FAILED).write_text(json.dumps({"reason": "exit status 1"}))
         return

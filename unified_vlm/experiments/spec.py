@@ -347,7 +347,7 @@ def default_out(spec: ExperimentSpec) -> Path:
     return Path("runs") / "experiments" / spec.name
 
 
-DEFAULT_CURVES = {"understanding": "val/vqa/total", "generation": "val/image_loss"}
+DEFAULT_CURVES = {"understanding": "val/vqa/total", "generation": "val/gen/total"}  # VQA and generation probes
 CURVE_TASKS = {"understanding": "vqa", "generation": "generation"}
 REPORT_KEYS = {"curves", "lines", "bars"}
 
