@@ -221,7 +221,8 @@ def curves_figure(experiment: Experiment, path: Path) -> Optional[Path]:
                 steps, mean, std = _curve(cells, column)
                 if not steps:
                     continue
-                ax.plot(steps, mean, marker="o", markersize=3, label=f"{label} (n={len(cells)})")
+                logged = sum(1 for x in cells if any(column in row for row in x.metrics))  # cells with this curve
+                ax.plot(steps, mean, marker="o", markersize=3, label=f"{label} (n={logged})")
                 ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
                 drawn = True
             title = ", ".join(f"{a}={l}" for a, l in zip(rows_axes, row))

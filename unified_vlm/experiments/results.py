@@ -88,14 +88,18 @@ def write_metrics(rows: list[dict[str, float]], path: Path) -> None:
     tmp.replace(path)
 
 
+# Numbers in a scores file that describe how a metric was computed, not a result.
+SETTINGS = {"level", "bootstrap", "bootstrap_bias", "image_size", "requested"}
+
+
 def flatten_scores(payload: Any, prefix: str = "") -> dict[str, float]:
     """Every numeric leaf of a scores file as ``scope.metric`` (``summary.`` dropped; per-item
-    ``results`` lists and ``count*`` fields are not metrics), so new metric groups (e.g. a
+    ``results`` lists, ``count*``/``n_*`` fields and ``SETTINGS`` are not metrics), so new metric groups (e.g. a
     ``generation`` key) appear in the report without code changes."""
     out: dict[str, float] = {}
     if isinstance(payload, dict):
         for key, value in payload.items():
-            if key == "results" or str(key).startswith("count"):
+            if key == "results" or str(key).startswith(("count", "n_")) or key in SETTINGS:
                 continue
             name = f"{prefix}{key}" if prefix or key != "summary" else ""
             out.update(flatten_scores(value, f"{name}." if name else ""))
