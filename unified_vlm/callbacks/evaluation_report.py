@@ -88,14 +88,14 @@ class EvaluationReport(L.Callback):
         self.generated: list[dict] = []
         self.captions: list[dict] = []
         self.summary: Optional[dict] = None
+        self._reader = None  # loaded once in setup
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Check the reader and Inception files before anything runs, not after a long test."""
         if stage == "test":
             from unified_vlm.evaluation.reader import load_reader
 
-            if self.reader is not None:
-                load_reader(self.reader)
+            self._reader = load_reader(self.reader) if self.reader is not None else None
             if self.inception_weights is not None and not Path(self.inception_weights).is_file():
                 raise FileNotFoundError(f"report.inception_weights: {self.inception_weights} does not exist "
                                         "(standard FID needs the Inception weights file on local disk; nothing is downloaded)")
@@ -127,7 +127,6 @@ class EvaluationReport(L.Callback):
         if not generated or self.reader is None:
             return {}
         from unified_vlm.evaluation.generation import generation_report, inception_fid, reference_renders
-        from unified_vlm.evaluation.reader import load_reader
 
         made = [g for g in generated if g["image"] is not None]
         report: dict = {"requested": len(generated), "generated": len(made)}
@@ -135,7 +134,7 @@ class EvaluationReport(L.Callback):
             return {"generation": report}
         images = torch.stack([g["image"].float() for g in made])
         real = reference_renders(self.fd_reference, images.shape[-1], style=style)
-        report.update(generation_report(load_reader(self.reader), images, [g["prompt"] for g in made], real=real,
+        report.update(generation_report(self._reader, images, [g["prompt"] for g in made], real=real,
                                         bootstrap=self.bootstrap, renderer=renderer_name(pl_module)))
         if self.inception_weights is not None:
             report["inception_fid"] = inception_fid(real, images, self.inception_weights)
