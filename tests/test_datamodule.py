@@ -85,6 +85,28 @@ def test_test_split_holds_vqa_generation_and_caption_records(collator):
     assert records[0]["image"].shape == (3, 16, 16)
 
 
+
+def test_test_records_are_sharded_over_ranks_without_repeats(collator):
+    """Under DDP every test record goes to exactly one rank, also when the split is uneven
+    (Lightning's own sampler pads by repeating records, which were then scored twice)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    dm = UnifiedDataModule(collator=collator, image_size=16, num_test_watches=3, eval_batch_size=4, num_workers=0)
+    dm.setup("test")
+    size = len(dm.datasets["test"])
+    assert size % 2 == 1  # uneven: the case Lightning pads
+    shards = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        sampler = dm.test_dataloader().sampler
+        assert isinstance(sampler, DistributedSampler)  # so Lightning keeps it instead of wrapping its own
+        shards.append(list(sampler))
+    assert sorted(shards[0] + shards[1]) == list(range(size))
+    dm.trainer = None
+    assert not isinstance(dm.test_dataloader().sampler, DistributedSampler)  # one process: the plain order
+
 def test_ddp_two_processes_fit(tiny_model_kwargs, tmp_path):
     """The distributed path (gloo, fork) runs: DistributedSampler wrapping, loss sync, unused-head guard."""
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from unified_vlm.datamodules.variants import DataVariant, VariantError
@@ -386,8 +387,22 @@ class UnifiedDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.datasets["val"], self.micro_batch_size(), False, self.collator)
 
+    def _evaluation_sampler(self, dataset) -> Optional[DistributedSampler]:
+        """Under DDP, each record on exactly one rank (no padding), so no test item is scored twice.
+
+        Lightning's own test sampler pads every rank to the same length by repeating the first
+        records, which would count them twice in the gathered scores. Evaluation needs no collective
+        call per batch, so ranks may take different numbers of batches.
+        """
+        trainer = getattr(self, "trainer", None)
+        world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        if world <= 1:
+            return None
+        return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=False)
+
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["test"], self.hparams.eval_batch_size, False, list_collate)
+        ds = self.datasets["test"]
+        return self._loader(ds, self.hparams.eval_batch_size, False, list_collate, self._evaluation_sampler(ds))
 
     def predict_dataloader(self) -> DataLoader:
         dataset = self.datasets.get("predict", self.datasets["test"])
