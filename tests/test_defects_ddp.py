@@ -25,12 +25,9 @@ def test_ddp_fit_and_test_from_the_cli_with_a_logger(tmp_path, tiny_vq_dir):
     tiny = tiny_overrides(tmp_path, tiny_vq_dir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, "-m", "unified_vlm", "fit", "--config", str(MAIN_CONFIG), "--config", str(tiny),
-               "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, start_new_session=True)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"DDP fit from the CLI did not finish in 240 s (hang):\n{(err.stderr or b'')[-2000:]}")
-    assert done.returncode == 0, done.stderr[-3000:]
+               "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+               "--data.eval_batch_size", "4"]  # 9 test records: rank 0 takes two batches, rank 1 one
+    run_ddp(command, env, "fit")
     run = tmp_path / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "tokenizer" / "tokenizer.json").is_file()
@@ -40,6 +37,26 @@ def test_ddp_fit_and_test_from_the_cli_with_a_logger(tmp_path, tiny_vq_dir):
     # ranks, and Lightning's padded sampler used to score the first record twice.
     asked = [(r["record_id"], r["turn"]) for r in scores["results"]]
     assert len(asked) == len(set(asked)) == scores["summary"]["all_turns"]["count"]
+    assert scores["generation"]["requested"] == 3  # the first test record (a generation prompt) once
+
+    # predict on two ranks: each rank writes its own part, rank 0 joins them; nothing twice or lost
+    out = tmp_path / "predictions"
+    run_ddp([sys.executable, "-m", "unified_vlm", "predict", "--config", str(run / "config.yaml"),
+             "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--predictions.output_dir", str(out),
+             "--trainer.logger", "false"], env, "predict")
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert sorted((a["record_id"], a["turn"]) for a in answers) == sorted(asked)
+    images = [json.loads(line) for line in (out / "images.jsonl").read_text().splitlines()]
+    assert len(images) == len({i["record_id"] for i in images}) == 3
+    assert not list(out.glob("*.rank*.jsonl"))
+
+
+def run_ddp(command: list[str], env: dict, what: str) -> None:
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, start_new_session=True)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"DDP {what} from the CLI did not finish in 240 s (hang):\n{(err.stderr or b'')[-2000:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_ranks_take_their_slice_of_the_one_process_batches():
@@ -89,3 +106,29 @@ def test_two_processes_train_on_the_one_process_batches(tiny_model_kwargs, tmp_p
         assert len(seen[0][step]["ids"]) == len(seen[1][step]["ids"]) == 2
         assert seen[0][step]["ids"] + seen[1][step]["ids"] == ids[4 * step:4 * step + 4]
         assert len(set(seen[0][step]["tasks"])) == len(set(seen[1][step]["tasks"])) == 1
+
+
+def test_prediction_writer_ranks_keep_their_own_lines_and_rank_zero_joins_them(tmp_path):
+    """Two ranks in one process, interleaved the way DDP can interleave them: a rank starting late
+    used to truncate the shared files after the other rank had written into them."""
+    from types import SimpleNamespace
+
+    from unified_vlm.callbacks.prediction_writer import PredictionWriter
+
+    module = SimpleNamespace(hparams={"sampling": {"temperature": 1.0}})
+    ranks = [SimpleNamespace(world_size=2, global_rank=r, strategy=SimpleNamespace(barrier=lambda name=None: None)) for r in range(2)]
+    writers = [PredictionWriter(output_dir=str(tmp_path)) for _ in ranks]
+
+    def answers(record: str) -> dict:
+        return {"vqa": [{"record_id": record, "turn": 0, "answer": "sunny"}], "caption": [], "generation": []}
+
+    writers[0].on_predict_epoch_start(ranks[0], module)
+    writers[0].write_on_batch_end(ranks[0], module, answers("a"), None, None, 0, 0)
+    writers[1].on_predict_epoch_start(ranks[1], module)  # rank 1 starts after rank 0 has written
+    writers[1].write_on_batch_end(ranks[1], module, answers("b"), None, None, 0, 0)
+    writers[0].write_on_batch_end(ranks[0], module, answers("c"), None, None, 1, 0)
+    writers[1].on_predict_epoch_end(ranks[1], module)
+    writers[0].on_predict_epoch_end(ranks[0], module)  # rank 0 joins the parts (the barrier is a no-op here)
+    lines = [json.loads(line)["record_id"] for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert lines == ["a", "c", "b"]  # rank order, each rank's lines in its own order
+    assert (tmp_path / "images.jsonl").read_text() == "" and not list(tmp_path.glob("*.rank*"))

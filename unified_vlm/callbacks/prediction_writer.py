@@ -18,34 +18,68 @@ def safe_name(record_id: str) -> str:
 class PredictionWriter(BasePredictionWriter):
     """One PNG per generated image (``images/<record id>.png``), ``images.jsonl`` with each image's
     prompt and the full sampling configuration, ``answers.jsonl`` with every VQA answer and
-    ``captions.jsonl`` with every caption written for a caption record."""
+    ``captions.jsonl`` with every caption written for a caption record.
+
+    Under DDP each rank appends to its own part (``answers.rank1.jsonl``, ...) and rank 0 joins the
+    parts in rank order at the end, so no rank truncates or interleaves another's lines."""
+
+    FILES = ("images.jsonl", "answers.jsonl", "captions.jsonl")
 
     def __init__(self, output_dir: Optional[str] = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
+        self._resolved: Optional[Path] = None
 
     def _directory(self, trainer) -> Path:
-        directory = Path(self.output_dir) if self.output_dir else run_dir(trainer) / "predictions"
-        (directory / "images").mkdir(parents=True, exist_ok=True)
-        return directory
+        """Resolved once per predict run, at its start: reading ``log_dir`` is a collective call under
+        DDP, and ranks may take different numbers of batches."""
+        if self._resolved is None:
+            directory = Path(self.output_dir) if self.output_dir else run_dir(trainer) / "predictions"
+            (directory / "images").mkdir(parents=True, exist_ok=True)
+            self._resolved = directory
+        return self._resolved
+
+    @staticmethod
+    def _part(trainer, name: str) -> str:
+        """This rank's file: the file itself on one process, ``<stem>.rank<r>.jsonl`` under DDP."""
+        return name if trainer.world_size <= 1 else name.replace(".jsonl", f".rank{trainer.global_rank}.jsonl")
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
+        self._resolved = None  # every rank resolves it here, together
         directory = self._directory(trainer)
-        for name in ("images.jsonl", "answers.jsonl", "captions.jsonl"):  # a new predict run starts fresh files
-            (directory / name).write_text("")
+        for name in self.FILES:  # a new predict run starts fresh files
+            (directory / self._part(trainer, name)).write_text("")
+
+    def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.world_size <= 1:
+            return
+        trainer.strategy.barrier("prediction_writer")  # every rank has written its last batch
+        if trainer.global_rank == 0:
+            directory = self._directory(trainer)
+            for name in self.FILES:
+                parts = [directory / name.replace(".jsonl", f".rank{r}.jsonl") for r in range(trainer.world_size)]
+                merged = directory / (name + ".tmp")
+                with open(merged, "w") as out:
+                    for part in parts:
+                        if part.exists():
+                            out.write(part.read_text())
+                merged.replace(directory / name)
+                for part in parts:
+                    part.unlink(missing_ok=True)
+        trainer.strategy.barrier("prediction_writer_merged")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx) -> None:
         from torchvision.utils import save_image
 
         directory = self._directory(trainer)
         sampling = dict(pl_module.hparams.get("sampling", {}))
-        with open(directory / "answers.jsonl", "a") as answers:
+        with open(directory / self._part(trainer, "answers.jsonl"), "a") as answers:
             for item in prediction.get("vqa", []):
                 answers.write(json.dumps(item) + "\n")
-        with open(directory / "captions.jsonl", "a") as captions:
+        with open(directory / self._part(trainer, "captions.jsonl"), "a") as captions:
             for item in prediction.get("caption", []):
                 captions.write(json.dumps(item) + "\n")
-        with open(directory / "images.jsonl", "a") as images:
+        with open(directory / self._part(trainer, "images.jsonl"), "a") as images:
             for item in prediction.get("generation", []):
                 entry = {"record_id": item["record_id"], "prompt": item["prompt"], "sampling": sampling, "file": None}
                 if item["image"] is not None:
