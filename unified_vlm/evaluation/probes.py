@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -250,7 +251,7 @@ def plot_embedding(points: np.ndarray, labels: Sequence, path: str | Path, title
         mask = (y == i).numpy()
         ax.scatter(points[mask, 0], points[mask, 1], s=8, alpha=0.7, label=f"{name} ({int(mask.sum())})")
     ax.set_xticks([]), ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # long run paths wrap instead of running off the figure
     ax.legend(fontsize=8, markerscale=2)
     fig.tight_layout()
     path = Path(path)
