@@ -86,6 +86,19 @@ def test_test_split_holds_vqa_generation_and_caption_records(collator):
 
 
 
+
+def test_test_mode_scores_every_task_of_a_model_trained_on_one(collator):
+    """Stage 2 of the transfer test trains on generation only and is scored on VQA (PAPER.md 5.4)."""
+    dm = UnifiedDataModule(collator=collator, mode="generation", test_mode="mixed", image_size=16, num_test_watches=3,
+                           eval_batch_size=4, num_workers=0)
+    dm.setup("test")
+    assert Counter(dm.datasets["test"].tasks()) == {"generation": 3, "vqa": 3, "caption": 3}
+    dm = UnifiedDataModule(collator=collator, mode="generation", image_size=16, num_test_watches=3, num_workers=0)
+    dm.setup("test")
+    assert Counter(dm.datasets["test"].tasks()) == {"generation": 3}  # default: the training mode's tasks
+    with pytest.raises(ValueError, match="data.test_mode"):
+        UnifiedDataModule(collator=collator, test_mode="everything")
+
 def test_test_records_are_sharded_over_ranks_without_repeats(collator):
     """Under DDP every test record goes to exactly one rank, also when the split is uneven
     (Lightning's own sampler pads by repeating records, which were then scored twice)."""

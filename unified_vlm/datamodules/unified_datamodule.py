@@ -3,7 +3,8 @@
 Training data is either streamed (watches rendered on the fly, the default: no files needed)
 or read from a LLaVA-schema JSON/JSONL file, so any dataset in that schema is trainable.
 ``mode`` picks the paper's regimes: ``mixed`` (all tasks), ``understanding`` (vqa + caption) or
-``generation``; ``proportions`` reweights tasks inside the mix; ``variant`` picks a dataset
+``generation``, and ``test_mode`` which tasks the test split scores (default: ``mode``'s);
+``proportions`` reweights tasks inside the mix; ``variant`` picks a dataset
 variant of the experiments (data scaling, knowledge transfer, fixed layout, style and wording;
 see ``variants.DataVariant`` and docs/data.md).
 """
@@ -253,11 +254,14 @@ class UnifiedDataModule(L.LightningDataModule):
         eval_batch_size: int = 50,
         num_workers: int = 1,
         variant: Optional[DataVariant] = None,
+        test_mode: Optional[str] = None,
         collator: Any = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data.mode must be one of {sorted(MODES)}, got {mode!r}")
+        if test_mode is not None and test_mode not in MODES:
+            raise ValueError(f"data.test_mode must be null (the tasks of data.mode) or one of {sorted(MODES)}, got {test_mode!r}")
         if proportions is not None:
             unknown = set(proportions) - set(MODES[mode])
             if unknown:
@@ -318,7 +322,8 @@ class UnifiedDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", None) and "val" not in self.datasets:
             self.datasets["val"] = self._dataset("val", h.val_records, h.num_val_watches, tasks)
         if stage in ("test", "predict", None):
-            test_tasks = tuple(t for t in TEST_TASKS if t in tasks)
+            # test_mode: a model trained on one task can still be scored on all (staged training, PAPER.md 5.4)
+            test_tasks = tuple(t for t in TEST_TASKS if t in MODES[h.test_mode or self.mode])
             self.datasets["test"] = self._dataset("test", h.test_records, h.num_test_watches, test_tasks)
         if stage == "predict" and h.predict_prompts is not None:
             self.datasets["predict"] = PromptDataset(h.predict_prompts)
