@@ -271,3 +271,11 @@ def test_runner_end_to_end_skip_resume_failure_report(tmp_path, tiny_vq_dir, cap
     text = (out / "report.md").read_text()
     assert "| ok |" in text and "| broken | - |" in text and "failed" in text
     assert (out / "curves.png").is_file() and (out / "bars.png").is_file()
+
+
+def test_bar_labels_keep_the_scope_only_where_names_would_collide():
+    from unified_vlm.experiments.report import tick_labels
+
+    assert tick_labels(["all_turns.weather", "all_turns.total"]) == ["weather", "total"]
+    assert tick_labels(["all_turns.weather", "first_turn.weather", "all_turns.total"]) == [
+        "all_turns.weather", "first_turn.weather", "all_turns.total"]

@@ -304,6 +304,13 @@ def line_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Opt
     return path
 
 
+def tick_labels(metrics: list[str]) -> list[str]:
+    """Metric names without their scope (``all_turns.weather`` -> ``weather``) unless two would then
+    read the same (all_turns.weather and first_turn.weather), in which case the full names."""
+    short = [m.split(".", 1)[-1] for m in metrics]
+    return short if len(set(short)) == len(short) else list(metrics)
+
+
 def bars_figure(experiment: Experiment, path: Path) -> Optional[Path]:
     """Grouped bars: one cluster per metric, one bar per group (mean, std error bar)."""
     names = metric_names(experiment)
@@ -324,7 +331,7 @@ def bars_figure(experiment: Experiment, path: Path) -> Optional[Path]:
             stds.append(std)
         xs = [m + (g - (len(grouped) - 1) / 2) * width for m in range(len(metrics))]
         ax.bar(xs, means, width, yerr=stds, capsize=2, label=_series_label(experiment, key, set()))
-    ax.set_xticks(range(len(metrics)), [m.split(".", 1)[-1] for m in metrics], rotation=30, ha="right")
+    ax.set_xticks(range(len(metrics)), tick_labels(metrics), rotation=30, ha="right")
     ax.set_ylabel("score (mean ± std over seeds)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
