@@ -103,6 +103,7 @@ BASE = str(ROOT / "configs" / "tiny_vq_vq.yaml")
      "leave no cell"),
     ({"base": BASE, "axes": {"lr": {"kind": "key", "key": "model.optim.lr", "values": ["1/2"]}}}, "cannot name a cell directory"),
     ({"base": BASE, "report": {"lines": [{"axis": "strength"}]}}, "report.lines[0]"),
+    ({"base": BASE, "axes": {"seed": {"kind": "seed", "values": [0]}}, "report": {"replicates": "start"}}, "report.replicates"),
 ])
 def test_bad_experiment_files_name_the_problem(tmp_path, payload, message):
     path = write(tmp_path / "bad.yaml", payload)
@@ -198,6 +199,25 @@ def test_report_averages_over_seeds_and_marks_failures(tmp_path, capsys):
         assert (out / figure).stat().st_size > 1000, figure
     experiment = load_report(str(spec_path), out)
     assert [c.state for c in experiment.cells] == ["done", "done", "done", "failed"]
+
+
+def test_report_averages_over_a_named_replicate_axis(tmp_path):
+    """An overrides axis whose values are replicates (each its own start and seed) is averaged over."""
+    spec_path = write(tmp_path / "e.yaml", {
+        "name": "fake", "base": BASE,
+        "axes": {"frozen": {"kind": "overrides", "values": {"nothing": {"model.freeze": None}, "lm": {"model.freeze": ["lm"]}}},
+                 "start": {"kind": "overrides", "values": {"a": {"seed_everything": 0}, "b": {"seed_everything": 1}}}},
+        "report": {"replicates": "start"},
+    })
+    out = tmp_path / "run"
+    for cell, total in (("frozen=nothing__start=a", 0.5), ("frozen=nothing__start=b", 0.7), ("frozen=lm__start=a", 0.4)):
+        fake_cell(out, cell, total)
+    assert report_main([str(spec_path), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    mean, std = statistics.fmean([0.5, 0.7]), statistics.stdev([0.5, 0.7])
+    assert "mean ± sample std over the `start` axis" in text
+    assert f"| nothing | {0.3:.3f} ± {0.0707:.3f} | {mean:.3f} ± {std:.3f} | 2 |  |" in text
+    assert "| lm | 0.200 | 0.400 | 1 | start=b: not run |" in text
 
 
 def test_metrics_of_a_resumed_cell_drop_the_redone_steps(tmp_path):

@@ -52,8 +52,14 @@ class Experiment:
     cells: list[CellResult] = field(default_factory=list)
 
     @property
+    def replicate_axis(self) -> Optional[str]:
+        """The axis averaged over: the seed axis, or ``report.replicates`` (e.g. an overrides axis of
+        starting checkpoints that each carry their own seed)."""
+        return self.options.get("replicates") or self.axis("seed")
+
+    @property
     def group_axes(self) -> list[str]:
-        return [a["name"] for a in self.axes if a["kind"] != "seed"]
+        return [a["name"] for a in self.axes if a["kind"] != "seed" and a["name"] != self.replicate_axis]
 
     def axis(self, kind: str) -> Optional[str]:
         return next((a["name"] for a in self.axes if a["kind"] == kind), None)
@@ -152,7 +158,7 @@ def tables(experiment: Experiment) -> str:
         scopes["cells"] = []
     grouped = groups(experiment)
     out = []
-    seed = experiment.axis("seed")
+    seed = experiment.replicate_axis
     over = f"over the `{seed}` axis" if seed else "(one run per row: no seed axis)"
     for scope, columns in scopes.items():
         short = [c.split(".", 1)[1] if "." in c else c for c in columns]

@@ -349,7 +349,7 @@ def default_out(spec: ExperimentSpec) -> Path:
 
 DEFAULT_CURVES = {"understanding": "val/vqa/total", "generation": "val/gen/total"}  # VQA and generation probes
 CURVE_TASKS = {"understanding": "vqa", "generation": "generation"}
-REPORT_KEYS = {"curves", "lines", "bars"}
+REPORT_KEYS = {"curves", "lines", "bars", "replicates"}
 
 
 def check_report_options(report: dict, axes: list[str], spec_path) -> None:
@@ -363,6 +363,9 @@ def check_report_options(report: dict, axes: list[str], spec_path) -> None:
     for n, line in enumerate(report.get("lines", []) or []):
         if not isinstance(line, dict) or set(line) - {"axis", "metrics", "x"} or line.get("axis") not in axes:
             raise SpecError(f"{spec_path}: report.lines[{n}] must be {{axis: one of {axes}, metrics: [..], x: {{label: number}}}}")
+    replicates = report.get("replicates")
+    if replicates is not None and replicates not in axes:
+        raise SpecError(f"{spec_path}: report.replicates names the axis to average over, one of {axes}; got {replicates!r}")
     bars = report.get("bars", {})
     if not isinstance(bars, dict) or set(bars) - {"metrics"}:
         raise SpecError(f"{spec_path}: report.bars must be {{metrics: [scope.metric, ...]}}")
