@@ -13,6 +13,7 @@ import yaml
 
 from unified_vlm.experiments import results
 from unified_vlm.experiments.plan import CellError, plan_cells
+from unified_vlm.experiments.report import line_figure
 from unified_vlm.experiments.report import load as load_report
 from unified_vlm.experiments.report import main as report_main
 from unified_vlm.experiments.runner import main as experiment_main
@@ -218,6 +219,24 @@ def test_report_averages_over_a_named_replicate_axis(tmp_path):
     assert "mean ± sample std over the `start` axis" in text
     assert f"| nothing | {0.3:.3f} ± {0.0707:.3f} | {mean:.3f} ± {std:.3f} | 2 |  |" in text
     assert "| lm | 0.200 | 0.400 | 1 | start=b: not run |" in text
+
+
+def test_a_label_left_out_of_the_x_mapping_is_drawn_as_a_reference(tmp_path):
+    """Fig. 4 style: strengths on the x axis, the undistorted run as a dashed reference line."""
+    spec_path = write(tmp_path / "e.yaml", {
+        "name": "fake", "base": BASE,
+        "axes": {"distortion": {"kind": "key", "key": "model.optim.lr", "values": {"none": 0.1, "s0.1": 0.2, "s0.3": 0.3}}},
+        "report": {"lines": [{"axis": "distortion", "metrics": ["all_turns.total"], "x": {"s0.1": 0.1, "s0.3": 0.3}}]},
+    })
+    out = tmp_path / "run"
+    for cell, total in (("distortion=none", 0.6), ("distortion=s0.1", 0.5), ("distortion=s0.3", 0.4)):
+        fake_cell(out, cell, total)
+    assert report_main([str(spec_path), "--out", str(out)]) == 0
+    assert (out / "distortion.png").stat().st_size > 1000
+    experiment = load_report(str(spec_path), out)
+    spec = {"axis": "distortion", "metrics": ["all_turns.total"]}  # no mapping: "none" has no place
+    with pytest.raises(ValueError, match=r"labels \['none', 's0.1', 's0.3'\] are not numbers"):
+        line_figure(experiment, spec, tmp_path / "x.png")
 
 
 def test_metrics_of_a_resumed_cell_drop_the_redone_steps(tmp_path):

@@ -278,9 +278,11 @@ def line_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Opt
     positions = {str(k): float(v) for k, v in (spec.get("x") or {}).items()}
     labels = next(a["labels"] for a in experiment.axes if a["name"] == axis)
     x_of = {l: positions.get(l, _numeric(l)) for l in labels}
-    if any(v is None for v in x_of.values()):
-        missing = [l for l, v in x_of.items() if v is None]
-        raise ValueError(f"report.lines for axis {axis!r}: labels {missing} are not numbers; give x: {{label: number}}")
+    # With an explicit x mapping, a label left out of it (e.g. "none" beside strengths) is a
+    # reference: drawn as a dashed horizontal line at its mean instead of a point.
+    references = [l for l, v in x_of.items() if v is None]
+    if references and not spec.get("x"):
+        raise ValueError(f"report.lines for axis {axis!r}: labels {references} are not numbers; give x: {{label: number}}")
     others = [a for a in experiment.group_axes if a != axis]
     series: dict[tuple[str, ...], dict[str, list[CellResult]]] = {}
     for cell in experiment.cells:
@@ -293,14 +295,19 @@ def line_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Opt
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for key, by_label in series.items():
-            points = []
+            name = ", ".join(f"{a}={l}" for a, l in zip(others, key)) or metric
+            points, colour = [], None
             for label in labels:
                 values = [c.scores[metric] for c in by_label.get(label, []) if metric in c.scores]
-                if values:
+                if values and x_of[label] is not None:
                     points.append((x_of[label], *mean_std(values)))
             if points:
                 xs, ys, es = zip(*points)
-                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=", ".join(f"{a}={l}" for a, l in zip(others, key)) or metric)
+                colour = ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)[0].get_color()
+            for label in references:
+                values = [c.scores[metric] for c in by_label.get(label, []) if metric in c.scores]
+                if values:
+                    ax.axhline(mean_std(values)[0], linestyle="--", linewidth=1, color=colour, label=f"{name}, {axis}={label}")
         ax.set_xlabel(axis)
         ax.set_ylabel(metric)
         ax.legend(fontsize=7)
