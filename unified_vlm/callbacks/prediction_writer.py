@@ -40,9 +40,12 @@ class PredictionWriter(BasePredictionWriter):
         return self._resolved
 
     @staticmethod
-    def _part(trainer, name: str) -> str:
-        """This rank's file: the file itself on one process, ``<stem>.rank<r>.jsonl`` under DDP."""
-        return name if trainer.world_size <= 1 else name.replace(".jsonl", f".rank{trainer.global_rank}.jsonl")
+    def _part_name(name: str, rank: int, world_size: int) -> str:
+        """A rank's file: the file itself on one process, ``<stem>.rank<r>.jsonl`` under DDP."""
+        return name if world_size <= 1 else name.replace(".jsonl", f".rank{rank}.jsonl")
+
+    def _part(self, trainer, name: str) -> str:
+        return self._part_name(name, trainer.global_rank, trainer.world_size)
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         self._resolved = None  # every rank resolves it here, together
@@ -57,7 +60,7 @@ class PredictionWriter(BasePredictionWriter):
         if trainer.global_rank == 0:
             directory = self._directory(trainer)
             for name in self.FILES:
-                parts = [directory / name.replace(".jsonl", f".rank{r}.jsonl") for r in range(trainer.world_size)]
+                parts = [directory / self._part_name(name, r, trainer.world_size) for r in range(trainer.world_size)]
                 merged = directory / (name + ".tmp")
                 with open(merged, "w") as out:
                     for part in parts:
