@@ -74,9 +74,18 @@ class ImageOutputSpec:
     prompt_dropout: float = 0.0
     """Probability that a training generation record's prompt is emptied (classifier-free
     guidance learns the unconditional prediction from these; LlamaGen uses 0.1)."""
+    position_embedding: str = "none"
+    """Identity of each generated image slot: ``none`` (the paper's: image tokens carry only the
+    LM's 1-D positions after a prompt of varying length) or ``learned`` (a learned vector per slot
+    added to the teacher-forced image-token inputs, as minDALL-E and small text-to-image models do,
+    so "the top-left cell" is the same input wherever the prompt ends)."""
     share_projector: Optional[bool] = None
     """Feed generation inputs through the understanding projector. null = share exactly when input
     and output spaces are aligned (both VQ); the choice is logged at start-up (PAPER.md 7.3)."""
+
+    def __post_init__(self) -> None:
+        if self.position_embedding not in ("none", "learned"):
+            raise ValueError(f"image_output.position_embedding must be 'none' or 'learned', got {self.position_embedding!r}")
 
 
 @dataclass

@@ -13,11 +13,14 @@ from unified_vlm.registry import HEADS
 
 
 class ImageHead(nn.Module):
-    """Base contract: ``forward(hidden (N, H)) -> prediction``, ``loss(prediction, target)``."""
+    """Base contract: ``forward(hidden (N, H)) -> prediction``, ``loss(prediction, target, reduction)``.
+
+    ``reduction``: ``mean`` (the training loss) or ``none`` (one loss per image token, (N,): what
+    the prompt-gain diagnostic and the per-slot loss map read)."""
 
     discrete: bool = True
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -35,8 +38,8 @@ class VQClassificationHead(ImageHead):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden)
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(prediction.float(), target.long())
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(prediction.float(), target.long(), reduction=reduction)
 
 
 @HEADS.register("feature_regression")
@@ -56,8 +59,12 @@ class FeatureRegressionHead(ImageHead):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden)
 
-    def loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         prediction, target = prediction.float(), target.float().detach()
         if self.loss_type == "mse":
-            return F.mse_loss(prediction, target)
-        return (1.0 - F.cosine_similarity(prediction, target, dim=-1)).mean()
+            if reduction == "mean":
+                return F.mse_loss(prediction, target)
+            return F.mse_loss(prediction, target, reduction="none").mean(-1)
+        else:
+            per_token = 1.0 - F.cosine_similarity(prediction, target, dim=-1)
+        return per_token.mean() if reduction == "mean" else per_token

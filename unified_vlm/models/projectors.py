@@ -35,7 +35,11 @@ class TokenSlotEmbedding(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(num_tokens, dim) * std)
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, slots: Tensor | None = None) -> Tensor:
+        """``tokens`` (N, T, D) holding every slot in order, or, with ``slots`` (N,) (one token per
+        row while decoding), (N, 1, D) tokens of the given slot indices."""
+        if slots is not None:
+            return tokens + self.weight[slots].unsqueeze(1).to(tokens.dtype)
         if tokens.shape[-2] != self.weight.shape[0]:
             raise ValueError(f"expected {self.weight.shape[0]} image tokens, got {tokens.shape[-2]}")
         return tokens + self.weight.to(tokens.dtype)

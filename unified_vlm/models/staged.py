@@ -17,7 +17,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-FREEZABLE = ("und_projector", "gen_projector", "und_token_embedding", "und_feature_norm", "head", "lm", "lora")
+FREEZABLE = ("und_projector", "gen_projector", "und_token_embedding", "gen_token_embedding", "und_feature_norm", "head", "lm", "lora")
 """Names ``model.freeze`` accepts. ``lm``: every weight of the language model (adapters too);
 ``lora``: only the LoRA adapter matrices (``backbone.train: lora``)."""
 NOT_HERE = {

@@ -259,6 +259,9 @@ class UnifiedVLM(L.LightningModule):
                 image_output.projector, in_dim=self.output_space.feature_dim, out_dim=hidden
             )
         self.shares_projector = share
+        self.gen_token_embedding = (
+            TokenSlotEmbedding(self.output_space.num_tokens, hidden) if image_output.position_embedding == "learned" else None
+        )
         log.info(
             "generation inputs %s the understanding projector (%s)",
             "share" if share else "do not share",
@@ -317,9 +320,13 @@ class UnifiedVLM(L.LightningModule):
         tokens = self.und_projector(feats)
         return tokens if self.und_token_embedding is None else self.und_token_embedding(tokens)
 
-    def embed_generation_targets(self, targets: torch.Tensor) -> torch.Tensor:
-        """Image targets (N, T[, D]) -> projected generation-side input tokens (N, T, hidden)."""
-        return self.gen_projector(self.output_space.input_features(targets))
+    def embed_generation_targets(self, targets: torch.Tensor, slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Image targets (N, T[, D]) -> projected generation-side input tokens (N, T, hidden).
+
+        ``slots`` (N,): the slot index of each row's single token (T = 1) while decoding; without
+        it the T tokens are slots 0..T-1 (teacher forcing)."""
+        tokens = self.gen_projector(self.output_space.input_features(targets))
+        return tokens if self.gen_token_embedding is None else self.gen_token_embedding(tokens, slots)
 
     def embed_inputs(
         self,
@@ -367,8 +374,10 @@ class UnifiedVLM(L.LightningModule):
             image_loss = sum(p.sum() for p in self.head.parameters()) * 0.0
         if batch.get("und_pixel_values") is None or not (input_ids == self.ids["image_pad"]).any():
             text_loss = text_loss + sum(p.sum() for p in self.und_projector.parameters()) * 0.0
-        if gen_targets is None and not self.shares_projector:
-            image_loss = image_loss + sum(p.sum() for p in self.gen_projector.parameters()) * 0.0
+        if gen_targets is None:
+            idle = [] if self.shares_projector else list(self.gen_projector.parameters())
+            idle += [] if self.gen_token_embedding is None else list(self.gen_token_embedding.parameters())
+            image_loss = image_loss + sum(p.sum() for p in idle) * 0.0
         return {"loss": text_loss + self.alpha * image_loss, "text_loss": text_loss, "image_loss": image_loss}
 
     def text_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -409,7 +418,8 @@ class UnifiedVLM(L.LightningModule):
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """Projectors, output head and slot vectors: what trains at ``optim.projector_lr``."""
-        modules = (self.und_projector, self.head, self.und_token_embedding, None if self.shares_projector else self.gen_projector)
+        modules = (self.und_projector, self.head, self.und_token_embedding, self.gen_token_embedding,
+                   None if self.shares_projector else self.gen_projector)
         return [p for m in modules if m is not None for p in m.parameters()]
 
     def configure_optimizers(self):
@@ -570,7 +580,8 @@ class UnifiedVLM(L.LightningModule):
                         token = sample_logits(pred, image_temperature, top_k, top_p, generator)
                     else:
                         token = pred.float()
-                    feats = self.embed_generation_targets(token.unsqueeze(1)).squeeze(1)
+                    slots = torch.tensor([len(image_out[row]) for row in active], device=device)
+                    feats = self.embed_generation_targets(token.unsqueeze(1), slots).squeeze(1)
                     for j, row in enumerate(active):
                         image_out[row].append(token[j].detach().cpu())
                         next_embeds[row] = feats[j].to(next_embeds.dtype)
