@@ -90,6 +90,8 @@ def test_fit_then_test_from_checkpoint(config, tmp_path, tiny_vq_dir, capsys):
         assert generation["frechet"]["low"] <= generation["frechet"]["fd"] <= generation["frechet"]["high"]
         assert generation["frechet"]["n_real"] == 1000
     assert scores["captions"]["total"]["count"] == 3
+    gain = generation["prompt_gain"]  # teacher-forced: measured whether or not the images came out
+    assert {"prompt_gain", "prompt_gain/time"} <= set(gain) and all(abs(v) < 50 for v in gain.values())
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"val/vqa/total", "val/vqa/weather"} <= set(header)  # the VQA probe scored the validation split
     out = capsys.readouterr().out

@@ -42,6 +42,31 @@ def validation_records(trainer: L.Trainer, task: str, limit: int) -> list[dict]:
     return [dataset[i] for i in chosen[trainer.global_rank::trainer.world_size]]
 
 
+def local_prompt_gain(pl_module, records: list[dict]) -> dict:
+    """This rank's prompt gain on its generation records (scalars and their count; {} under 2)."""
+    if len(records) < 2:
+        return {}
+    from unified_vlm.evaluation.prompt_gain import prompt_gain
+
+    gain = prompt_gain(pl_module, records)
+    scalars = {k: v for k, v in gain.items() if isinstance(v, float)}
+    counts = {k.removeprefix("count/"): v for k, v in gain.items() if k.startswith("count/")}
+    return {"scalars": scalars, "n": len(records), "counts": counts}
+
+
+def pooled_prompt_gain(parts: list[dict]) -> dict[str, float]:
+    """Every rank's ``local_prompt_gain`` averaged, weighted by the records each one scored."""
+    pooled: dict[str, float] = {}
+    for key in ("prompt_gain", *(f"prompt_gain/{a}" for a in ("time", "weather", "battery", "weather_pos", "battery_pos"))):
+        attribute = key.partition("/")[2]
+        weighted = [(p["scalars"][key], p["counts"].get(attribute, 0) if attribute else p["n"])
+                    for p in parts if p and key in p["scalars"]]
+        total = sum(w for _, w in weighted)
+        if total:
+            pooled[key] = sum(v * w for v, w in weighted) / total
+    return pooled
+
+
 def image_grid(pairs: list[tuple[torch.Tensor, Optional[torch.Tensor]]], cell: int = 128, columns: int = 8) -> torch.Tensor:
     """Ground truth above generated, ``columns`` pairs per row; a missing image is drawn grey."""
     tiles = []
@@ -68,6 +93,8 @@ class EvaluationReport(L.Callback):
       distance on the reader's features against ``fd_reference`` held-out renders, with a
       bootstrap 95 % interval (``unified_vlm.evaluation.generation``); standard Inception FID
       too when ``inception_weights`` names a local weights file;
+      and the prompt gain (``unified_vlm.evaluation.prompt_gain``; prompts swapped within each
+      test batch);
     - ``captions``: which attributes the generated captions state and how many are right
       (``unified_vlm.evaluation.captions``);
     - ``results``: every scored VQA turn.
@@ -102,6 +129,7 @@ class EvaluationReport(L.Callback):
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self.vqa, self.generated, self.captions, self.summary = [], [], [], None
+        self.gain_parts: list[dict] = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not isinstance(outputs, dict):
@@ -109,6 +137,9 @@ class EvaluationReport(L.Callback):
         self.vqa.extend(outputs.get("vqa", []))
         self.captions.extend(outputs.get("caption", []))
         self.generated.extend(outputs.get("generation", []))
+        records = [r for r in batch if isinstance(r, dict) and r.get("task") == "generation" and r.get("image") is not None]
+        with torch.no_grad():
+            self.gain_parts.append(local_prompt_gain(pl_module, records))  # prompts swapped within the batch
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
         scorer = score_answers(gather_objects(trainer, self.vqa))
@@ -116,6 +147,9 @@ class EvaluationReport(L.Callback):
         captions = gather_objects(trainer, self.captions)
         self.summary = scorer.summary()
         self.summary.update(self._generation(generated, pl_module, split_style(trainer, "test")))
+        gain = pooled_prompt_gain(gather_objects(trainer, self.gain_parts))
+        if gain and "generation" in self.summary:
+            self.summary["generation"]["prompt_gain"] = gain
         if captions:
             self.summary["captions"] = score_caption_items(captions)
         for name, value in flat_metrics(self.summary).items():
@@ -221,6 +255,10 @@ def format_generation(report: dict) -> str:
         lines.append(f"  reader Fréchet distance {fd.get('fd', float('nan')):.3f} "
                      f"(95% interval {fd.get('low', float('nan')):.3f} to {fd.get('high', float('nan')):.3f}; "
                      f"{fd.get('n_fake')} generated vs {fd.get('n_real')} renders)")
+    gain = report.get("prompt_gain") or {}
+    if gain:
+        lines.append("  prompt gain (image loss under another prompt minus its own): "
+                     + " ".join(f"{k.removeprefix('prompt_gain/')} {v:+.4f}" for k, v in gain.items()))
     if "inception_fid" in report:
         lines.append(f"  Inception FID {report['inception_fid']:.2f}")
     return "\n".join(lines)

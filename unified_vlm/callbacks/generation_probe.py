@@ -5,7 +5,10 @@ draws one watch for each of (up to ``max_images``) generation prompts of the val
 The watch reader scores them against what each prompt states, and their Fréchet distance to
 ``fd_reference`` held-out renders is computed on the reader's features
 (``unified_vlm.evaluation.generation``). ``val/gen/<attribute>``, ``val/gen/total``,
-``val/gen/is_watch`` and ``val/gen/fd`` are logged, and a grid (ground truth above generated) is
+``val/gen/is_watch`` and ``val/gen/fd`` are logged, with the prompt gain
+(``val/gen/prompt_gain`` and ``val/gen/prompt_gain/<attribute>``: the teacher-forced image loss
+under another prompt minus under its own, ``unified_vlm.evaluation.prompt_gain``), which turns
+positive long before faithfulness leaves chance, and a grid (ground truth above generated) is
 saved as ``probe/generation_step<N>.png`` in the run directory and sent to TensorBoard when that
 logger is used. ``--generation_probe.max_images 0`` turns it off.
 """
@@ -15,7 +18,15 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from unified_vlm.callbacks.evaluation_report import gather_objects, image_grid, run_dir, split_style, validation_records
+from unified_vlm.callbacks.evaluation_report import (
+    gather_objects,
+    image_grid,
+    local_prompt_gain,
+    pooled_prompt_gain,
+    run_dir,
+    split_style,
+    validation_records,
+)
 
 
 class GenerationProbe(L.Callback):
@@ -46,7 +57,14 @@ class GenerationProbe(L.Callback):
         pl_module.eval()
         with torch.no_grad():
             images = pl_module.generate_images(records) if records else []
+            gains = gather_objects(trainer, [local_prompt_gain(pl_module, records)])
         pl_module.train(was_training)
+        gain = pooled_prompt_gain(gains)
+        if gain:
+            for key, value in gain.items():
+                pl_module.log(f"val/gen/{key}", value, rank_zero_only=True)
+            rank_zero_info(f"step {trainer.global_step} prompt gain (image loss under another prompt minus its own): "
+                           + " ".join(f"{k.removeprefix('prompt_gain/')} {v:+.4f}" for k, v in gain.items()))
         items = [{"prompt": r["conversations"][0]["value"], "image": img, "target": r.get("image")}
                  for r, img in zip(records, images)]
         items = [i for i in gather_objects(trainer, items) if i["image"] is not None]
