@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from unified_vlm.callbacks.evaluation_report import gather_objects, image_grid, run_dir, split_style, validation_records
+from unified_vlm.evaluation.record_tasks import generate_images
 
 
 class GenerationProbe(L.Callback):
@@ -37,7 +38,7 @@ class GenerationProbe(L.Callback):
             self._reader = load_reader(self.reader_path)  # a missing reader fails now, not after the first validation
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.max_images == 0 or trainer.sanity_checking or not hasattr(pl_module, "generate_images"):
+        if self.max_images == 0 or trainer.sanity_checking or not hasattr(pl_module, "chat_format"):
             return
         records = validation_records(trainer, "generation", self.max_images)
         if not records and trainer.world_size == 1:
@@ -45,7 +46,7 @@ class GenerationProbe(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            images = pl_module.generate_images(records) if records else []
+            images = generate_images(pl_module, records) if records else []
         pl_module.train(was_training)
         items = [{"prompt": r["conversations"][0]["value"], "image": img, "target": r.get("image")}
                  for r, img in zip(records, images)]
