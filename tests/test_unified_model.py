@@ -186,3 +186,25 @@ def test_sampling_runs_on_cuda(model, watch_records):
         assert all(o.image_tokens is not None and len(o.image_tokens) == model.output_space.num_tokens for o in outs)
     finally:
         model.to("cpu")
+
+
+@pytest.mark.parametrize("task", ["generation", "vqa"])
+@pytest.mark.parametrize("parts", ["slot_vectors_trainable_encoder", "shared_projector"])
+def test_one_task_batch_gives_every_trainable_parameter_a_gradient(tiny_model_kwargs, tiny_vq_dir, watch_records, task, parts):
+    """Under DDP every trainable parameter needs a gradient at every step: the parts a one-task
+    batch does not run (the other side's projector, slot vectors, encoder, or the head) get a
+    zero one. Issue 18: und_token_embedding had none on generation batches."""
+    if parts == "shared_projector":
+        kwargs = dict(tiny_model_kwargs, encoder={"name": "vq_codes", "weights": tiny_vq_dir, "options": {}}, und_projector="linear")
+    else:
+        kwargs = dict(tiny_model_kwargs, und_token_embedding=True, encoder=dict(tiny_model_kwargs["encoder"], freeze=False),
+                      image_output=dict(tiny_model_kwargs["image_output"], position_embedding="learned"))
+    torch.manual_seed(0)
+    model = UnifiedVLM(**kwargs).train()
+    assert model.shares_projector == (parts == "shared_projector")
+    batch = ConversationCollator.for_model(model)([r for r in watch_records if r["task"] == task][:2])
+    out = model(batch)
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient on a {task}-only batch for {missing}"
+    assert (out["image_loss"] > 0) == (task == "generation")

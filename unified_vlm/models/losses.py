@@ -44,6 +44,19 @@ def image_loss(head: nn.Module, hidden: torch.Tensor, slot_mask: torch.Tensor, t
     return head.loss(prediction, targets.reshape(prediction.shape[0], *targets.shape[2:]))
 
 
+def idle_parameters(idle: Iterable[nn.Module | None], used: Iterable[nn.Module | None]) -> list[nn.Parameter]:
+    """The trainable parameters of the ``idle`` modules (parts a batch did not run) that no
+    ``used`` module shares (a shared projector runs on one side while the other idles)."""
+    taken = {id(p) for m in used if m is not None for p in m.parameters()}
+    out, seen = [], set()
+    for module in idle:
+        for p in module.parameters() if module is not None else ():
+            if p.requires_grad and id(p) not in taken and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
 def zero_weight(parameters: Iterable[nn.Parameter]) -> torch.Tensor | float:
     """0 x the sum of ``parameters``: added to a loss, it changes no value but puts each of them in
     the graph with a zero gradient, as DDP needs of every trainable parameter at every step."""

@@ -247,14 +247,16 @@ class UnifiedVLM(L.LightningModule):
         text_loss = self.text_loss(self.lm.lm_head(hidden[:, :-1]), labels[:, 1:])
         if gen_targets is not None:
             image_loss = losses.image_loss(self.head, hidden, input_ids[:, 1:] == self.ids["gen_pad"], gen_targets)
-        else:  # keep every head parameter in the graph (DDP) with a zero contribution
-            image_loss = losses.zero_weight(self.head.parameters())
-        if batch.get("und_pixel_values") is None or not (input_ids == self.ids["image_pad"]).any():
-            text_loss = text_loss + losses.zero_weight(self.und_projector.parameters())
+        else:
+            image_loss = text_loss.new_zeros(())
+        # Every trainable parameter of a side the batch did not use joins the graph with a zero weight (DDP).
+        understood = batch.get("und_pixel_values") is not None and bool((input_ids == self.ids["image_pad"]).any())
+        und_parts = (self.encoder, self.und_distortion, self.und_feature_norm, self.und_projector, self.und_token_embedding)
+        gen_parts = (self.gen_projector, self.gen_token_embedding, self.head)
+        if not understood:
+            text_loss = text_loss + losses.zero_weight(losses.idle_parameters(und_parts, gen_parts if gen_targets is not None else ()))
         if gen_targets is None:
-            idle = [] if self.shares_projector else list(self.gen_projector.parameters())
-            idle += [] if self.gen_token_embedding is None else list(self.gen_token_embedding.parameters())
-            image_loss = image_loss + losses.zero_weight(idle)
+            image_loss = image_loss + losses.zero_weight(losses.idle_parameters(gen_parts, und_parts if understood else ()))
         return {"loss": text_loss + self.alpha * image_loss, "text_loss": text_loss, "image_loss": image_loss}
 
     def text_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
