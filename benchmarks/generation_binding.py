@@ -43,11 +43,13 @@ import torch
 import yaml
 
 from unified_vlm.datamodules import templates
+from unified_vlm.datamodules.collate import ConversationCollator
 from unified_vlm.datamodules.watch import render_watch, sample_watch
 from unified_vlm.evaluation.captions import ATTRIBUTES
 from unified_vlm.evaluation.generation import score_generation
 from unified_vlm.evaluation.prompt_gain import prompt_gain
 from unified_vlm.evaluation.reader import load_reader
+from unified_vlm.evaluation.record_tasks import generate_images
 from unified_vlm.models.unified import UnifiedVLM
 
 
@@ -156,7 +158,8 @@ def main() -> None:
     apply_overrides(model_cfg, args.set)
     model = UnifiedVLM(**model_cfg)
     model.train()
-    if any(s != 1.0 for s in scales) and model.collator.prompt_dropout == 0:
+    collate = ConversationCollator.for_model(model)
+    if any(s != 1.0 for s in scales) and model.prompt_dropout == 0:
         print("warning: guidance scales other than 1 with image_output.prompt_dropout 0: the model never saw the "
               "unconditional prompt, so guidance has nothing to work with", file=sys.stderr)
     reader = load_reader("builtin")
@@ -196,7 +199,7 @@ def main() -> None:
             row.update({k: v for k, v in gain.items() if k.startswith("prompt_gain")})
             model.eval()
             for scale in scales:
-                images = model.generate_images(val, cfg_scale=scale)
+                images = generate_images(model, val, cfg_scale=scale)
                 drawn = [(img, r) for img, r in zip(images, val) if img is not None]
                 faith = score_generation(reader, torch.stack([i.float() for i, _ in drawn]), [r for _, r in drawn])
                 row[f"cfg{scale:g}"] = {k: v for k, v in faith.items() if isinstance(v, float)}
@@ -223,7 +226,7 @@ def main() -> None:
         else:
             records = [generation_record(args.attributes, "train", rng.randrange(1_000_000), rng, size, data_seed)
                        for _ in range(args.batch_size)]
-        batch = model.collator(records, training=True)
+        batch = collate(records, training=True)
         with autocast:
             loss = model(batch)["loss"]
         optimizer.zero_grad(set_to_none=True)

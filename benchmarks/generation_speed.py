@@ -24,6 +24,7 @@ from unified_vlm.datamodules.streams import WatchStream
 from unified_vlm.datamodules.unified_datamodule import pil_to_tensor
 from unified_vlm.evaluation.generation import reader_frechet, reference_renders, score_generation
 from unified_vlm.evaluation.reader import load_reader
+from unified_vlm.evaluation.record_tasks import generate_images
 from unified_vlm.models.unified import UnifiedVLM
 from unified_vlm.precision import auto_precision
 
@@ -46,7 +47,7 @@ def main() -> None:
     images = []
     with torch.no_grad(), autocast:
         for i in range(0, args.n, args.batch_size):
-            images += model.generate_images(records[i:i + args.batch_size])
+            images += generate_images(model, records[i:i + args.batch_size])
     generate_s = time.perf_counter() - start
     made = [(img, r) for img, r in zip(images, records) if img is not None]
     stacked = torch.stack([img.float() for img, _ in made])

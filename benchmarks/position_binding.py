@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from unified_vlm.datamodules import templates
+from unified_vlm.datamodules.collate import ConversationCollator
 from unified_vlm.datamodules.watch import render_watch, sample_watch
 from unified_vlm.models.unified import UnifiedVLM
 from unified_vlm.tokens import IGNORE_INDEX, IMAGE_MARKER
@@ -104,7 +105,8 @@ def main() -> None:
         rec["conversations"] = rec["conversations"][:2]
         if "-" in rec["conversations"][1]["value"]:
             val.append(rec)
-    val_batches = [model.collator(val[i : i + 64]) for i in range(0, len(val), 64)]
+    collate = ConversationCollator.for_model(model)
+    val_batches = [collate(val[i : i + 64]) for i in range(0, len(val), 64)]
 
     adapters = {id(q) for q in model.adapter_parameters()}
     trainable = [q for q in model.parameters() if q.requires_grad]
@@ -133,7 +135,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        batch = model.collator(
+        batch = collate(
             [record(args.questions, "train", rng.randrange(args.train_watches), rng, size, data_seed) for _ in range(args.batch_size)],
             training=True,
         )

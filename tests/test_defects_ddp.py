@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from test_cli import MAIN_CONFIG, tiny_overrides
+from unified_vlm.datamodules.collate import ConversationCollator
 from unified_vlm.datamodules.unified_datamodule import TaskMixSampler, UnifiedDataModule
 from unified_vlm.models.unified import UnifiedVLM
 
@@ -97,7 +98,7 @@ def test_two_processes_train_on_the_one_process_batches(tiny_model_kwargs, tmp_p
     trainer.fit(model, datamodule=UnifiedDataModule(**data))
     seen = [[json.loads(line) for line in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in range(2)]
 
-    single = UnifiedDataModule(collator=model.collator, **data)
+    single = UnifiedDataModule(collator=ConversationCollator.for_model(model), **data)
     single.setup("fit")
     dataset = single.datasets["train"]
     order = list(single._sampler(dataset))

@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 
+from unified_vlm.datamodules.collate import ConversationCollator
 from unified_vlm.models.config import DistortionSpec
 from unified_vlm.models.distortion import AffineDistortion, affine_parameters, build_distortion
 from unified_vlm.models.unified import UnifiedVLM
@@ -99,8 +100,8 @@ def test_only_the_understanding_input_is_distorted(encoder, tiny_model_kwargs, v
         assert torch.allclose(bent.encode_understanding(images), expected, atol=1e-6)
         assert not torch.allclose(bent.encode_understanding(images), plain.encode_understanding(images), atol=1e-3)
 
-        generation = bent.collator([r for r in watch_records if r["task"] == "generation"][:3])
-        understanding = bent.collator([r for r in watch_records if r["task"] == "vqa"][:3])
+        generation = ConversationCollator.for_model(bent)([r for r in watch_records if r["task"] == "generation"][:3])
+        understanding = ConversationCollator.for_model(bent)([r for r in watch_records if r["task"] == "vqa"][:3])
         assert torch.equal(bent(generation)["loss"], plain(generation)["loss"])  # inputs and targets untouched
         assert not torch.equal(bent(understanding)["loss"], plain(understanding)["loss"])
     bent.train()
@@ -124,7 +125,7 @@ def test_checkpoints_carry_the_map_and_reload_identically(tmp_path, vq_kwargs, w
     # The buffers are reproducible from the hyperparameters alone.
     rebuilt = AffineDistortion(8, DistortionSpec(strength=0.2, seed=7))
     assert torch.equal(rebuilt.matrix, saved["state_dict"]["und_distortion.matrix"])
-    batch = model.collator([r for r in watch_records if r["task"] == "vqa"][:3])
+    batch = ConversationCollator.for_model(model)([r for r in watch_records if r["task"] == "vqa"][:3])
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(batch)["loss"], loaded(batch)["loss"])

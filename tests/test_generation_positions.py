@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from unified_vlm.datamodules.collate import ConversationCollator
+
 from unified_vlm.models.unified import UnifiedVLM
 
 
@@ -43,7 +45,7 @@ def test_decoding_matches_teacher_forcing(model, watch_records):
     predictions on those same tokens: the decoding loop gives every slot the vector training did."""
     model.eval()
     record = next(r for r in watch_records if r["task"] == "generation")
-    prompt = model.collator.encode_prompt(record["conversations"], 0)
+    prompt = model.chat_format.encode_prompt(record["conversations"], 0)
     out = model.generate([prompt], image_policy="force", image_temperature=0.0, max_new_tokens=4)[0]
     codes = out.image_tokens
     assert codes is not None and len(codes) == model.output_space.num_tokens
@@ -65,7 +67,7 @@ def test_slot_vectors_learn_and_stay_in_the_graph_without_images(model, watch_re
     vqa = [r for r in watch_records if r["task"] == "vqa"][:2]
     for records, learns in ((gen, True), (vqa, False)):
         model.zero_grad()
-        model(model.collator(records))["loss"].backward()
+        model(ConversationCollator.for_model(model)(records))["loss"].backward()
         grad = model.gen_token_embedding.weight.grad
         assert grad is not None  # DDP needs every trainable parameter in the graph
         assert bool(grad.abs().sum() > 0) == learns

@@ -6,6 +6,8 @@ import random
 import pytest
 import torch
 
+from unified_vlm.datamodules.collate import ConversationCollator
+
 from unified_vlm.datamodules import templates
 from unified_vlm.datamodules.watch import sample_watch
 from unified_vlm.evaluation.captions import ATTRIBUTES, parse_text
@@ -57,7 +59,7 @@ def test_per_token_losses_average_to_the_training_image_loss(model, watch_record
     losses = image_token_losses(model, records)
     assert losses.shape == (len(records), model.output_space.num_tokens)
     with torch.no_grad():
-        expected = model(model.collator(records))["image_loss"]
+        expected = model(ConversationCollator.for_model(model)(records))["image_loss"]
     torch.testing.assert_close(losses.mean(), expected.float(), rtol=1e-5, atol=1e-5)
 
 

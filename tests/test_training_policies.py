@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unified_vlm.models.unified import FeatureWhitening, UnifiedVLM
+from unified_vlm.datamodules.collate import ConversationCollator
+from unified_vlm.evaluation.record_tasks import generate_images
+from unified_vlm.models.feature_norm import FeatureWhitening
+from unified_vlm.models.unified import UnifiedVLM
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +39,7 @@ def test_vq_vq_shares_the_projector_and_trains(tiny_model_kwargs, tiny_vq_dir, w
     model = make(tiny_model_kwargs, encoder={"name": "vq_codes", "weights": tiny_vq_dir, "options": {}}, und_projector="linear")
     assert model.shares_projector and model.gen_projector is model.und_projector
     assert model.encoder.num_tokens == model.output_space.num_tokens == 16
-    gradient_report(model, model.collator(watch_records[:6]))
+    gradient_report(model, ConversationCollator.for_model(model)(watch_records[:6]))
     assert [r["module"] for r in model.parameter_table()].count("und_projector+gen") == 1
 
 
@@ -47,7 +50,7 @@ def test_lora_trains_only_adapters_projectors_and_head(tiny_model_kwargs, watch_
     assert lm_trainable and all("lora_" in n for n in lm_trainable)
     assert any(n.startswith("und_projector.") for n in trainable) and any(n.startswith("head.") for n in trainable)
     assert not any("embed_tokens" in n or "lm_head" in n for n in trainable)
-    gradient_report(model, model.collator(watch_records[:6]))
+    gradient_report(model, ConversationCollator.for_model(model)(watch_records[:6]))
     row = {r["module"]: r for r in model.parameter_table()}["lm"]
     assert row["policy"] == "lora" and 0 < row["trainable"] < row["frozen"]
 
@@ -56,13 +59,13 @@ def test_lora_modules_to_save_trains_embeddings(tiny_model_kwargs, watch_records
     model = make(tiny_model_kwargs, backbone={"train": "lora", "lora": {"r": 2, "modules_to_save": ["embed_tokens", "lm_head"]}})
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("embed_tokens" in n for n in trainable) and any("lm_head" in n for n in trainable)
-    gradient_report(model, model.collator(watch_records[:6]))
+    gradient_report(model, ConversationCollator.for_model(model)(watch_records[:6]))
 
 
 def test_frozen_backbone_trains_only_the_adapters(tiny_model_kwargs, watch_records):
     model = make(tiny_model_kwargs, backbone={"train": "frozen"})
     assert not any(p.requires_grad for p in model.lm.parameters())
-    gradient_report(model, model.collator(watch_records[:6]))
+    gradient_report(model, ConversationCollator.for_model(model)(watch_records[:6]))
     text = model.format_parameter_table()
     assert "lm" in text and "frozen" in text and "total" in text
 
@@ -83,7 +86,7 @@ def test_bad_backbone_policies_are_refused_at_construction(tiny_model_kwargs, ba
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_kwargs, watch_records):
     plain = make(tiny_model_kwargs)
     ckpt = make(tiny_model_kwargs, backbone={"gradient_checkpointing": True})
-    batch = plain.collator(watch_records[:6])
+    batch = ConversationCollator.for_model(plain)(watch_records[:6])
     a, b = gradient_report(plain, batch), gradient_report(ckpt, batch)
     torch.testing.assert_close(a["loss"], b["loss"])
     for (name, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
@@ -111,7 +114,7 @@ def test_whitening_decorrelates_and_freezes_after_its_budget():
 
 def test_prompt_dropout_empties_only_generation_prompts_in_training(tiny_model_kwargs, watch_records):
     model = make(tiny_model_kwargs, image_output={"prompt_dropout": 0.999})
-    collator = model.collator
+    collator = ConversationCollator.for_model(model)
     gen = [r for r in watch_records if r["task"] == "generation"][:2]
     vqa = [r for r in watch_records if r["task"] == "vqa"][:2]
     torch.manual_seed(0)
@@ -133,8 +136,8 @@ def test_prompt_dropout_empties_only_generation_prompts_in_training(tiny_model_k
 def test_classifier_free_guidance(tiny_model_kwargs, watch_records):
     model = make(tiny_model_kwargs).eval()
     gen = [r for r in watch_records if r["task"] == "generation"][:2]
-    prompts = [model.collator.encode_prompt(r["conversations"], 0) for r in gen]
-    uncond = [model.collator.unconditional_prompt()] * 2
+    prompts = [model.chat_format.encode_prompt(r["conversations"], 0) for r in gen]
+    uncond = [model.chat_format.unconditional_prompt()] * 2
     kwargs = dict(max_new_tokens=3, image_policy="force")
     plain = model.generate(prompts, **kwargs)
     scale_one = model.generate(prompts, cfg_scale=1.0, uncond_prompts=uncond, **kwargs)
@@ -147,7 +150,7 @@ def test_classifier_free_guidance(tiny_model_kwargs, watch_records):
     assert any(not torch.equal(p.image_tokens, g.image_tokens) for p, g in zip(plain, guided))
     with pytest.raises(ValueError, match="uncond"):
         model.generate(prompts, cfg_scale=2.0, **kwargs)
-    images = model.generate_images(gen, cfg_scale=2.0, max_new_tokens=2)
+    images = generate_images(model, gen, cfg_scale=2.0, max_new_tokens=2)
     assert all(img is not None and img.shape == (3, 16, 16) for img in images)
 
 
@@ -174,11 +177,11 @@ def test_siglip_siglip_regresses_features_shares_the_projector_and_renders(tiny_
     )
     assert model.shares_projector and model.output_space.encoder is not model.encoder  # a frozen copy
     assert model.output_space.num_tokens == model.encoder.num_tokens
-    out = gradient_report(model, model.collator(watch_records[:6]))
+    out = gradient_report(model, ConversationCollator.for_model(model)(watch_records[:6]))
     assert 0 < out["image_loss"] <= 2  # 1 - cosine
     model.eval()
     gen = [r for r in watch_records if r["task"] == "generation"][:2]
-    images = model.generate_images(gen, max_new_tokens=2)
+    images = generate_images(model, gen, max_new_tokens=2)
     assert all(img is not None and img.shape == (3, 16, 16) for img in images)
 
 
@@ -191,7 +194,7 @@ def test_vq_siglip_is_misaligned(tiny_model_kwargs, tiny_vq_dir, watch_records):
                       "encoder": tiny_model_kwargs["encoder"], "projector": "mlp"},
     )
     assert not model.shares_projector and model.output_space.feature_dim == 32
-    gradient_report(model, model.collator(watch_records[:6]))
+    gradient_report(model, ConversationCollator.for_model(model)(watch_records[:6]))
 
 
 @pytest.mark.parametrize(

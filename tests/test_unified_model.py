@@ -5,7 +5,10 @@ import lightning as L
 import pytest
 import torch
 
-from unified_vlm.models.unified import UnifiedVLM, filter_logits
+from unified_vlm.datamodules.collate import ConversationCollator
+from unified_vlm.evaluation.record_tasks import generate_images
+from unified_vlm.models.generation import filter_logits
+from unified_vlm.models.unified import UnifiedVLM
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +19,7 @@ def model(tiny_model_kwargs):
 
 def test_forward_backward_gradients(model, watch_records):
     model.train()
-    batch = model.collator(watch_records[:6])  # two watches x (generation, vqa, caption)
+    batch = ConversationCollator.for_model(model)(watch_records[:6])  # two watches x (generation, vqa, caption)
     assert batch["und_pixel_values"].shape[0] == 4 and batch["gen_pixel_values"].shape[0] == 2
     model.zero_grad()
     out = model(batch)
@@ -42,7 +45,7 @@ def test_share_projector_with_mismatched_features_is_refused(tiny_model_kwargs):
 
 
 def _prompts(model, records):
-    return [model.collator.encode_prompt(r["conversations"], 0) for r in records]
+    return [model.chat_format.encode_prompt(r["conversations"], 0) for r in records]
 
 
 def test_kv_cache_matches_full_recompute(model, watch_records):
@@ -92,7 +95,7 @@ def test_filter_logits_top_k_and_top_p():
 def test_generated_images_decode_to_pixels(model, watch_records):
     model.eval()
     gen = [r for r in watch_records if r["task"] == "generation"][:2]
-    images = model.generate_images(gen, max_new_tokens=2)
+    images = generate_images(model, gen, max_new_tokens=2)
     for img in images:
         assert img is not None and img.shape == (3, 16, 16) and 0 <= img.min() and img.max() <= 1
 
@@ -117,7 +120,7 @@ def test_checkpoint_round_trip(tmp_path, tiny_model_kwargs, watch_records):
 
     assert primitive(dict(ckpt["hyper_parameters"]))
     loaded = UnifiedVLM.load_from_checkpoint(path)
-    batch = model.collator(watch_records[:6])
+    batch = ConversationCollator.for_model(model)(watch_records[:6])
     model.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(model(batch)["loss"], loaded(batch)["loss"])
@@ -127,7 +130,7 @@ def test_a_few_steps_on_one_batch_reduce_the_loss(tiny_model_kwargs, watch_recor
     torch.manual_seed(0)
     model = UnifiedVLM(**tiny_model_kwargs)
     model.train()
-    batch = model.collator(watch_records[:6])
+    batch = ConversationCollator.for_model(model)(watch_records[:6])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     first = None
     for _ in range(15):
@@ -148,7 +151,7 @@ def test_token_slot_embedding_adds_one_learned_vector_per_image_token(tiny_model
     with torch.no_grad():
         plain = model.und_projector(model.encoder(images))
         torch.testing.assert_close(model.encode_understanding(images), plain + slots.weight)
-    out = model(model.collator(watch_records[:6]))
+    out = model(ConversationCollator.for_model(model)(watch_records[:6]))
     out["loss"].backward()
     assert slots.weight.grad is not None and slots.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="image tokens"):
@@ -161,7 +164,7 @@ def test_eager_attention_gives_the_sdpa_loss_and_an_exact_kv_cache(tiny_model_kw
         torch.manual_seed(0)
         options = dict(tiny_model_kwargs["backbone"]["options"], attn_implementation=impl)
         models[impl] = UnifiedVLM(**dict(tiny_model_kwargs, backbone={"name": "qwen2", "options": options})).eval()
-    batch = models["sdpa"].collator(watch_records[:6])
+    batch = ConversationCollator.for_model(models["sdpa"])(watch_records[:6])
     with torch.no_grad():
         torch.testing.assert_close(models["eager"](batch)["loss"], models["sdpa"](batch)["loss"])
     eager = models["eager"]
@@ -183,3 +186,25 @@ def test_sampling_runs_on_cuda(model, watch_records):
         assert all(o.image_tokens is not None and len(o.image_tokens) == model.output_space.num_tokens for o in outs)
     finally:
         model.to("cpu")
+
+
+@pytest.mark.parametrize("task", ["generation", "vqa"])
+@pytest.mark.parametrize("parts", ["slot_vectors_trainable_encoder", "shared_projector"])
+def test_one_task_batch_gives_every_trainable_parameter_a_gradient(tiny_model_kwargs, tiny_vq_dir, watch_records, task, parts):
+    """Under DDP every trainable parameter needs a gradient at every step: the parts a one-task
+    batch does not run (the other side's projector, slot vectors, encoder, or the head) get a
+    zero one. Issue 18: und_token_embedding had none on generation batches."""
+    if parts == "shared_projector":
+        kwargs = dict(tiny_model_kwargs, encoder={"name": "vq_codes", "weights": tiny_vq_dir, "options": {}}, und_projector="linear")
+    else:
+        kwargs = dict(tiny_model_kwargs, und_token_embedding=True, encoder=dict(tiny_model_kwargs["encoder"], freeze=False),
+                      image_output=dict(tiny_model_kwargs["image_output"], position_embedding="learned"))
+    torch.manual_seed(0)
+    model = UnifiedVLM(**kwargs).train()
+    assert model.shares_projector == (parts == "shared_projector")
+    batch = ConversationCollator.for_model(model)([r for r in watch_records if r["task"] == task][:2])
+    out = model(batch)
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient on a {task}-only batch for {missing}"
+    assert (out["image_loss"] > 0) == (task == "generation")

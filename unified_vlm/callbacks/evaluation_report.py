@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 
+from unified_vlm.evaluation import record_tasks
 from unified_vlm.evaluation.vqa import score_answers
 from unified_vlm.files import write_json_atomically
 
@@ -118,8 +119,10 @@ class EvaluationReport(L.Callback):
         self._reader = None  # loaded once in setup
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Check the reader and Inception files before anything runs, not after a long test."""
+        """Give the model its test step (``record_tasks.run_records``, unless it has one); check the
+        reader and Inception files before anything runs, not after a long test."""
         if stage == "test":
+            record_tasks.attach(pl_module)
             from unified_vlm.evaluation.reader import load_reader
 
             self._reader = load_reader(self.reader) if self.reader is not None else None
@@ -220,7 +223,7 @@ def renderer_name(pl_module) -> str:
 
 
 def score_caption_items(items: list[dict]) -> dict:
-    """Caption metrics of ``UnifiedVLM.write_captions`` outputs."""
+    """Caption metrics of ``record_tasks.write_captions`` outputs."""
     from unified_vlm.evaluation.captions import score_captions
 
     records = [{"id": c["record_id"], "attributes": c.get("attributes"),

@@ -27,6 +27,7 @@ from unified_vlm.callbacks.evaluation_report import (
     split_style,
     validation_records,
 )
+from unified_vlm.evaluation.record_tasks import generate_images
 
 
 class GenerationProbe(L.Callback):
@@ -48,7 +49,7 @@ class GenerationProbe(L.Callback):
             self._reader = load_reader(self.reader_path)  # a missing reader fails now, not after the first validation
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.max_images == 0 or trainer.sanity_checking or not hasattr(pl_module, "generate_images"):
+        if self.max_images == 0 or trainer.sanity_checking or not hasattr(pl_module, "chat_format"):
             return
         records = validation_records(trainer, "generation", self.max_images)
         if not records and trainer.world_size == 1:
@@ -56,7 +57,7 @@ class GenerationProbe(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            images = pl_module.generate_images(records) if records else []
+            images = generate_images(pl_module, records) if records else []
             gains = gather_objects(trainer, [local_prompt_gain(pl_module, records)])
         pl_module.train(was_training)
         gain = pooled_prompt_gain(gains)

@@ -9,6 +9,7 @@ from typing import Optional
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from unified_vlm.callbacks.evaluation_report import run_dir
+from unified_vlm.evaluation import record_tasks
 
 
 def safe_name(record_id: str) -> str:
@@ -29,6 +30,11 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self._resolved: Optional[Path] = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Give the model its predict step (``record_tasks.run_records``, unless it has one)."""
+        if stage == "predict":
+            record_tasks.attach(pl_module)
 
     def _directory(self, trainer) -> Path:
         """Resolved once per predict run, at its start: reading ``log_dir`` is a collective call under

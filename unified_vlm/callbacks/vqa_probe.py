@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import torch
 
 from unified_vlm.callbacks.evaluation_report import gather_objects, validation_records
+from unified_vlm.evaluation.record_tasks import answer_vqa
 from unified_vlm.evaluation.vqa import score_answers
 
 
@@ -23,7 +24,7 @@ class VQAProbe(L.Callback):
         self.last: dict[str, float] = {}
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self.max_records == 0 or trainer.sanity_checking or not hasattr(pl_module, "answer_vqa"):
+        if self.max_records == 0 or trainer.sanity_checking or not hasattr(pl_module, "chat_format"):
             return
         records = validation_records(trainer, "vqa", self.max_records)
         if not records and trainer.world_size == 1:
@@ -31,7 +32,7 @@ class VQAProbe(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
-            answers = pl_module.answer_vqa(records) if records else []
+            answers = answer_vqa(pl_module, records) if records else []
         pl_module.train(was_training)
         answers = gather_objects(trainer, answers)
         summary = score_answers(answers).summary()["all_turns"]

@@ -1,142 +1,83 @@
-"""Turn LLaVA-schema conversation records into token ids, labels and image batches.
+"""Batches of LLaVA-schema conversation records for training and validation.
 
-Layout (ids only; special tokens are never produced by tokenising strings)::
-
-    BOS
-    USER "\\n" <human text, "<image>" -> IMAGE_START IMAGE_PAD*Nu IMAGE_END> END_TURN "\\n"
-    ASSISTANT "\\n" <gpt text, "<image>" -> IMAGE_START GEN_PAD*Ng IMAGE_END> END_TURN "\\n"
-    ...
-    EOS
-
-Only the assistant's content and its END_TURN carry text labels. In a generated image the
-model must learn to open (IMAGE_START) and close (IMAGE_END) it; the GEN_PAD slots get their
-targets (image codes/features) from the vision side inside the model, so their text labels are
-ignored. Labels are aligned with input_ids; the model does the next-token shift.
+How one record becomes token ids and labels is the chat format (``unified_vlm.chat_format``,
+re-exported here); this module pads the encoded records into a batch and applies the
+training-only prompt dropout. A collator built with :meth:`ConversationCollator.for_model`
+shares the model's chat format object, so the data and the model never disagree.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from unified_vlm.text_tokenizer import special_token_ids
-from unified_vlm.tokens import END_TURN, EOS, IGNORE_INDEX, IMAGE_MARKER
+from unified_vlm.chat_format import GPT, HUMAN, ChatFormat, check_prompt_dropout, decode_answer, image_to_tensor
+from unified_vlm.tokens import IGNORE_INDEX, IMAGE_MARKER
 
-HUMAN, GPT = "human", "gpt"
-
-
-def image_to_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
-    """A (3,H,W) float tensor in [0,1]; the datasets yield PIL images, tests and callers may pass tensors."""
-    if isinstance(image, Image.Image):
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-    if image.dtype == torch.uint8:
-        return image.float() / 255.0
-    return image.float()
+__all__ = ["GPT", "HUMAN", "ChatFormat", "ConversationCollator", "decode_answer", "image_to_tensor"]
 
 
-@dataclass
 class ConversationCollator:
-    """Encodes records for training (``__call__``/``encode``) and prompts for inference (``encode_prompt``)."""
+    """Right-padded batches (``__call__``) of records encoded in a :class:`ChatFormat`.
 
-    tokenizer: PreTrainedTokenizerBase
-    num_understanding_tokens: int
-    num_generation_tokens: int
-    max_length: int = 1024
-    pad_to_multiple_of: int | None = None
-    prompt_dropout: float = 0.0
-    """In training batches, the probability that a record generating an image has its human text
-    replaced by the empty (unconditional) prompt: what classifier-free guidance learns from."""
-    ids: dict[str, int] = field(init=False, repr=False)
+    ``ConversationCollator(tokenizer, num_understanding_tokens, num_generation_tokens, max_length)``
+    makes its own chat format (to use the data without a model); :meth:`for_model` shares a
+    model's. ``encode``, ``encode_prompt``, ``drop_prompt``, ``unconditional_prompt`` and
+    ``num_tokens`` are the chat format's.
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
-        self.ids = special_token_ids(self.tokenizer)
-        self._newline = self._text("\n")
+    Args:
+        pad_to_multiple_of: round every batch's length up to a multiple of this.
+        prompt_dropout: in training batches, the probability that a record generating an image
+            has its human text replaced by the empty (unconditional) prompt: what classifier-free
+            guidance learns from.
+    """
 
-    def _text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        num_understanding_tokens: int,
+        num_generation_tokens: int,
+        max_length: int = 1024,
+        pad_to_multiple_of: int | None = None,
+        prompt_dropout: float = 0.0,
+    ) -> None:
+        self.prompt_dropout = check_prompt_dropout(prompt_dropout)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.chat_format = ChatFormat(tokenizer, num_understanding_tokens, num_generation_tokens, max_length)
 
-    def _turn(self, role: str, value: str) -> tuple[list[int], list[int]]:
-        """Ids and labels of one turn, header and trailing newline included."""
-        if role not in (HUMAN, GPT):
-            raise ValueError(f"unknown conversation role {role!r}; expected 'human' or 'gpt'")
-        ids_ = self.ids
-        supervised = role == GPT
-        header = [ids_["assistant" if supervised else "user"]] + self._newline
-        ids, labels = list(header), [IGNORE_INDEX] * len(header)
+    @classmethod
+    def for_model(cls, model: Any, pad_to_multiple_of: int | None = None) -> "ConversationCollator":
+        """The collator of a model with a ``chat_format`` (shared, not copied: a tokenizer the model
+        takes from its checkpoint is the data's too) and a ``prompt_dropout`` (UnifiedVLM's
+        ``image_output.prompt_dropout``)."""
+        collator = cls.__new__(cls)
+        collator.prompt_dropout = check_prompt_dropout(getattr(model, "prompt_dropout", 0.0))
+        collator.pad_to_multiple_of = pad_to_multiple_of
+        collator.chat_format = model.chat_format
+        return collator
 
-        def put(new: list[int], learn: bool) -> None:
-            ids.extend(new)
-            labels.extend(new if learn else [IGNORE_INDEX] * len(new))
-
-        for i, piece in enumerate(value.split(IMAGE_MARKER)):
-            if i > 0:  # an image sits between two text pieces
-                if supervised:
-                    put([ids_["image_start"]], True)
-                    put([ids_["gen_pad"]] * self.num_generation_tokens, False)
-                    put([ids_["image_end"]], True)
-                else:
-                    image = [ids_["image_pad"]] * self.num_understanding_tokens
-                    put([ids_["image_start"], *image, ids_["image_end"]], False)
-            put(self._text(piece), supervised)
-        put([ids_["end_turn"]], supervised)
-        put(self._newline, False)
-        return ids, labels
+    # the chat format's, for callers that hold a collator
+    tokenizer = property(lambda self: self.chat_format.tokenizer)
+    ids = property(lambda self: self.chat_format.ids)
+    max_length = property(lambda self: self.chat_format.max_length)
+    num_understanding_tokens = property(lambda self: self.chat_format.num_understanding_tokens)
+    num_generation_tokens = property(lambda self: self.chat_format.num_generation_tokens)
 
     def num_tokens(self, record: dict) -> int:
-        """Tokens ``encode`` makes of ``record``, without its image (to check lengths when a file loads)."""
-        return 2 + sum(len(self._turn(turn["from"], turn["value"])[0]) for turn in record["conversations"])
+        return self.chat_format.num_tokens(record)
 
     def encode(self, record: dict) -> dict:
-        """One record -> ``input_ids``, ``labels`` (LongTensor, same length) and its und/gen image."""
-        rid = record.get("id", "?")
-        ids, labels = [self.ids["bos"]], [IGNORE_INDEX]
-        und_image = gen_image = None
-        markers = 0
-        for turn in record["conversations"]:
-            n = turn["value"].count(IMAGE_MARKER)
-            markers += n
-            if n:
-                if record.get("image") is None:
-                    raise ValueError(f"record {rid}: conversation has {IMAGE_MARKER!r} but no 'image'")
-                image = image_to_tensor(record["image"])
-                if turn["from"] == HUMAN:
-                    und_image = image
-                else:
-                    gen_image = image
-            t_ids, t_labels = self._turn(turn["from"], turn["value"])
-            ids += t_ids
-            labels += t_labels
-        if markers > 1:
-            raise ValueError(f"record {rid}: {markers} {IMAGE_MARKER!r} markers, but a record holds one image")
-        ids.append(self.ids["eos"])
-        labels.append(IGNORE_INDEX)
-        if len(ids) > self.max_length:
-            raise ValueError(f"record {rid}: {len(ids)} tokens exceed max_length={self.max_length}")
-        return {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "und_image": und_image,
-            "gen_image": gen_image,
-        }
+        return self.chat_format.encode(record)
+
+    def encode_prompt(self, conversations: list[dict], upto_turn: int) -> list[int]:
+        return self.chat_format.encode_prompt(conversations, upto_turn)
 
     def drop_prompt(self, record: dict) -> dict:
-        """The record with every human turn emptied (image markers kept): the unconditional prompt."""
-        def empty(turn: dict) -> dict:
-            if turn["from"] != HUMAN:
-                return turn
-            return {**turn, "value": IMAGE_MARKER * turn["value"].count(IMAGE_MARKER)}
-
-        return {**record, "conversations": [empty(t) for t in record["conversations"]]}
+        return self.chat_format.drop_prompt(record)
 
     def unconditional_prompt(self) -> list[int]:
-        """The inference prompt a generation is guided away from (the prompt dropped in training)."""
-        return self.encode_prompt([{"from": HUMAN, "value": ""}], 0)
+        return self.chat_format.unconditional_prompt()
 
     def __call__(self, records: list[dict], training: bool = False) -> dict:
         """Right-padded batch; images are stacked in batch order (None when no record has one).
@@ -179,29 +120,3 @@ class ConversationCollator:
             "ids": [str(r.get("id")) for r in records],
         }
 
-    def encode_prompt(self, conversations: list[dict], upto_turn: int) -> list[int]:
-        """Inference prompt ending in ``ASSISTANT "\\n"`` right after human turn number ``upto_turn``.
-
-        Earlier turns (with their ground-truth answers) are the context, as in training, so
-        every VQA turn can be scored; ``upto_turn=0`` is the paper's first-turn protocol.
-        """
-        ids = [self.ids["bos"]]
-        human_seen = 0
-        for turn in conversations:
-            ids += self._turn(turn["from"], turn["value"])[0]
-            if turn["from"] == HUMAN:
-                if human_seen == upto_turn:
-                    return ids + [self.ids["assistant"]] + self._newline
-                human_seen += 1
-        raise ValueError(f"upto_turn={upto_turn} but the conversation has only {human_seen} human turns")
-
-
-def decode_answer(tokenizer: PreTrainedTokenizerBase, ids) -> str:
-    """Generated ids -> answer text: cut at the first END_TURN or EOS, drop special tokens, strip."""
-    ids = [int(i) for i in ids]
-    stops = {i for i in tokenizer.convert_tokens_to_ids([END_TURN, EOS]) if i is not None}
-    for k, i in enumerate(ids):
-        if i in stops:
-            ids = ids[:k]
-            break
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()

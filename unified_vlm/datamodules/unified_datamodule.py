@@ -228,8 +228,8 @@ def _checked_variant(variant: Any, mode: str, record_files: dict[str, Optional[s
 class UnifiedDataModule(L.LightningDataModule):
     """Mixes generation / vqa / caption records and collates them for the model.
 
-    The collator (chat template, tokenizer, tokens per image) comes from the model attached to
-    the trainer, so the data and the model never disagree; pass ``collator`` to use the
+    The collator batches records in the chat format (tokenizer, tokens per image) of the model
+    attached to the trainer, so the data and the model never disagree; pass ``collator`` to use the
     DataModule on its own.
     """
 
@@ -311,10 +311,12 @@ class UnifiedDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         h = self.hparams
         if self.collator is None:
+            from unified_vlm.datamodules.collate import ConversationCollator
+
             model = self.trainer.lightning_module if self.trainer is not None else None
-            if model is None or not hasattr(model, "collator"):
+            if model is None or not hasattr(model, "chat_format"):
                 raise ValueError("UnifiedDataModule needs a collator: attach it to a trainer with a UnifiedVLM or pass collator=")
-            self.collator = model.collator
+            self.collator = ConversationCollator.for_model(model)
         tasks = MODES[self.mode]
         if stage in ("fit", None):
             self.datasets["train"] = self._dataset("train", h.train_records, h.num_train_watches, tasks)

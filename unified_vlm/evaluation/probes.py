@@ -268,6 +268,7 @@ def load_run(config: str, ckpt_path: str, data_overrides: Optional[dict[str, Any
     import yaml
     from jsonargparse import ArgumentParser
 
+    from unified_vlm.datamodules.collate import ConversationCollator
     from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
     from unified_vlm.models.unified import UnifiedVLM
 
@@ -282,7 +283,7 @@ def load_run(config: str, ckpt_path: str, data_overrides: Optional[dict[str, Any
     parser.add_class_arguments(UnifiedDataModule, "data", skip={"collator"})
     datamodule = parser.instantiate(parser.parse_object({"data": data})).data
     model = UnifiedVLM.load_from_checkpoint(ckpt_path, map_location="cpu")
-    datamodule.collator = model.collator
+    datamodule.collator = ConversationCollator.for_model(model)
     return model, datamodule
 
 

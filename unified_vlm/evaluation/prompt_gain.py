@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from unified_vlm.datamodules.collate import ConversationCollator
 from unified_vlm.datamodules.watch import CORNERS, WEATHERS
 from unified_vlm.evaluation.captions import _BATTERY_RE, _CORNER_RE, _SUBJECT_RE, _TIME_RE, ATTRIBUTES
 
@@ -86,9 +87,9 @@ def image_token_losses(model: Any, records: Sequence[dict], batch_size: int = 64
 
     The hidden state before each generation slot predicts that slot's token, exactly as in
     training (``UnifiedVLM.forward``), with the loss unreduced."""
-    rows = []
+    rows, collate = [], ConversationCollator.for_model(model)
     for start in range(0, len(records), batch_size):
-        batch = model.collator(list(records[start:start + batch_size]))
+        batch = collate(list(records[start:start + batch_size]))
         batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         input_ids, gen_pixels = batch["input_ids"], batch["gen_pixel_values"]
         if gen_pixels is None:

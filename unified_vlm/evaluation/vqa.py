@@ -191,7 +191,7 @@ class VQAScorer:
 
 
 def score_answers(answers: list[dict]) -> VQAScorer:
-    """A :class:`VQAScorer` holding every answer of ``UnifiedVLM.answer_vqa`` (dicts with
+    """A :class:`VQAScorer` holding every answer of ``record_tasks.answer_vqa`` (dicts with
     ``record_id``, ``turn``, ``question``, ``ground_truth``, ``answer``)."""
     scorer = VQAScorer()
     for a in answers:

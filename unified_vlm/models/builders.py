@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from unified_vlm.assets import BUILTIN, require_builtin
-from unified_vlm.registry import ENCODERS
+from unified_vlm.registry import ENCODERS, HEADS
 
 
 def build_text_tokenizer(path: str):
@@ -64,3 +64,37 @@ def build_output_space(spec, understanding_encoder=None) -> nn.Module:
             )
         return build_feature_output_space(build_encoder(tower), spec.renderer)
     raise ValueError(f"unknown image_output.space {spec.space!r}; available: vq, features")
+
+
+# ------------------------------------------------------------------ compatibility checks
+def projector_sharing(encoder, image_output, encoder_dim: int, output_dim: int) -> tuple[bool, str]:
+    """(share, why): do generation inputs go through the understanding projector?
+
+    ``image_output.share_projector`` decides when set; null shares exactly for aligned pairs, which
+    read and write one space (VQ codes in and out, or the same feature tower). Sharing needs equal
+    feature sizes on both sides. ``encoder`` is the EncoderSpec, ``image_output`` the ImageOutputSpec.
+    """
+    from unified_vlm.models.config import to_primitive
+
+    aligned = (encoder.name == "vq_codes" and image_output.space == "vq") or (
+        image_output.space == "features" and image_output.encoder in (None, to_primitive(encoder))
+    )
+    share = aligned if image_output.share_projector is None else image_output.share_projector
+    if share and encoder_dim != output_dim:
+        raise ValueError(
+            f"image_output.share_projector=true needs equal feature sizes, but the encoder gives "
+            f"{encoder_dim} and the output space {output_dim}; "
+            "set share_projector: false"
+        )
+    why = "explicit" if image_output.share_projector is not None else ("aligned spaces" if aligned else "misaligned spaces")
+    return share, why
+
+
+def check_head_fits_space(image_output, discrete: bool) -> None:
+    """The head named by ``image_output`` predicts the kind of target its output space has."""
+    if getattr(HEADS.get(image_output.head), "discrete", True) != discrete:
+        raise ValueError(
+            f"head {image_output.head!r} does not fit output space {image_output.space!r}: "
+            f"{'discrete' if discrete else 'continuous'} targets need "
+            f"{'vq_classification' if discrete else 'feature_regression'}"
+        )

@@ -113,12 +113,12 @@ def normalize_tokens(features: Tensor, kind: str = "l2") -> Tensor:
 
 def watch_images(count: int, size: int, split: str = "train", seed: int = 0, start: int = 0) -> Tensor:
     """Watches ``start .. start+count-1`` of ``split`` as a float batch (count, 3, size, size) in [0, 1]."""
-    from unified_vlm.datamodules.unified_datamodule import pil_to_tensor
-    from unified_vlm.datamodules.watch import render_watch, sample_watch
+    from unified_vlm.chat_format import image_to_tensor
+    from unified_vlm.datamodules.watch import render_watch, sample_watch  # the one data module models/ may read
 
     if count < 1:
         return torch.zeros(0, 3, size, size)
-    return torch.stack([pil_to_tensor(render_watch(sample_watch(seed, split, start + i), size)) for i in range(count)])
+    return torch.stack([image_to_tensor(render_watch(sample_watch(seed, split, start + i), size)) for i in range(count)])
 
 
 @torch.no_grad()

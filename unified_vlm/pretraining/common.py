@@ -24,21 +24,12 @@ import torch
 from lightning.pytorch.callbacks import Timer
 
 from unified_vlm.files import publish_dir
+from unified_vlm.models.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------- schedule
-def warmup_cosine(step: int, warmup_steps: int, progress: float, floor: float = 0.0) -> float:
-    """LR factor: linear warmup over ``warmup_steps``, then cosine from 1 to ``floor`` as
-    ``progress`` (the share of the post-warmup budget used) goes from 0 to 1."""
-    warmup = max(1, warmup_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, max(0.0, progress))
-    return floor + (1 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, floor: float = 0.05) -> float:
     """:func:`warmup_cosine` over a known step count."""
     return warmup_cosine(step, warmup_steps, (step - warmup_steps) / max(1, max_steps - warmup_steps), floor)

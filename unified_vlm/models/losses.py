@@ -1,0 +1,63 @@
+"""The unified model's two losses (PAPER.md 3.1): next-token text cross-entropy and the image
+loss of the output head at the generation slots; and the zero-weight terms that keep the parts a
+batch did not use in the graph."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unified_vlm.tokens import IGNORE_INDEX
+
+TEXT_LOSS_AVERAGES = ("token", "turn")
+
+
+def text_loss(logits: torch.Tensor, targets: torch.Tensor, average: str, end_turn_id: int) -> torch.Tensor:
+    """Next-token cross-entropy of (B, T, V) ``logits`` against (B, T) ``targets``, averaged as
+    ``average`` says.
+
+    ``token``: the mean over every supervised token of the batch (HF style, the paper's).
+    ``turn``: every supervised assistant turn (the tokens up to and including its END_TURN,
+    ``end_turn_id``) weighs the same, whatever its length. A one-word VQA answer then counts as
+    much as an 8-token time or a 40-token caption, instead of being drowned by them.
+    """
+    ce = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
+    valid = targets != IGNORE_INDEX
+    if average == "token":
+        return ce.sum() / valid.sum().clamp(min=1)
+    ends = (targets == end_turn_id) & valid
+    turn = torch.cumsum(ends.long(), dim=1) - ends.long()  # END_TURN belongs to the turn it closes
+    group = (turn + torch.arange(targets.shape[0], device=targets.device)[:, None] * targets.shape[1])[valid]
+    sizes = torch.zeros(targets.numel(), device=targets.device).scatter_add_(0, group, torch.ones_like(group, dtype=torch.float))
+    return (ce[valid] / sizes[group]).sum() / (sizes > 0).sum().clamp(min=1)
+
+
+def image_loss(head: nn.Module, hidden: torch.Tensor, slot_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The head's loss at the generation slots: the hidden state *before* each slot predicts that
+    slot's image token. ``hidden`` (B, L, H); ``slot_mask`` (B, L - 1), True where token t + 1 is
+    a GEN_PAD slot; ``targets`` (N, T[, D]), one row per generated image, in slot order."""
+    prediction = head(hidden[:, :-1][slot_mask])
+    return head.loss(prediction, targets.reshape(prediction.shape[0], *targets.shape[2:]))
+
+
+def idle_parameters(idle: Iterable[nn.Module | None], used: Iterable[nn.Module | None]) -> list[nn.Parameter]:
+    """The trainable parameters of the ``idle`` modules (parts a batch did not run) that no
+    ``used`` module shares (a shared projector runs on one side while the other idles)."""
+    taken = {id(p) for m in used if m is not None for p in m.parameters()}
+    out, seen = [], set()
+    for module in idle:
+        for p in module.parameters() if module is not None else ():
+            if p.requires_grad and id(p) not in taken and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def zero_weight(parameters: Iterable[nn.Parameter]) -> torch.Tensor | float:
+    """0 x the sum of ``parameters``: added to a loss, it changes no value but puts each of them in
+    the graph with a zero gradient, as DDP needs of every trainable parameter at every step."""
+    return sum(p.sum() for p in parameters) * 0.0
