@@ -100,7 +100,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         for error in errors:
             print(f"error: {error}", file=sys.stderr)
         return 2
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from unified_vlm.callbacks.checkpoint import TrainingInterrupted
     from unified_vlm.lightning_cli import run_lightning_cli
 
-    run_lightning_cli(argv)
+    try:
+        run_lightning_cli(argv)
+    except TrainingInterrupted as stopped:  # fit saved last.ckpt at the signal
+        if rank_zero_only.rank == 0:
+            print(f"error: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except SIGTERMException:  # Lightning's own stop (outside training, e.g. in test): a SystemExit with code 0
+        if rank_zero_only.rank == 0:
+            print(f"error: {command} stopped by SIGTERM before it finished; its outputs are incomplete: run it again",
+                  file=sys.stderr)
+        return 128 + 15
     return 0
