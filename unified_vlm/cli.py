@@ -104,10 +104,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from unified_vlm.callbacks.checkpoint import TrainingInterrupted
+    from unified_vlm.files import CheckpointError
     from unified_vlm.lightning_cli import run_lightning_cli
 
     try:
         run_lightning_cli(argv)
+    except CheckpointError as err:  # --ckpt_path truncated, corrupt or holding code
+        print(f"error: --ckpt_path {err}", file=sys.stderr)
+        return 2
     except TrainingInterrupted as stopped:  # fit saved last.ckpt at the signal
         if rank_zero_only.rank == 0:
             print(f"error: {stopped}", file=sys.stderr)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
-import torch
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -100,7 +99,11 @@ class UnifiedCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        from unified_vlm.files import load_checkpoint
+
+        # Every --ckpt_path is read here first, with tensors and plain data only (weights_only): a file that
+        # would run code, or a truncated one, is refused naming the file before Lightning loads it.
+        saved = load_checkpoint(ckpt_path).get("hyper_parameters", {})
         saved = {k: v for k, v in saved.items() if not k.startswith("_")}
         if not saved:
             return
