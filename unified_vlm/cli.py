@@ -105,12 +105,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from unified_vlm.callbacks.checkpoint import TrainingInterrupted
     from unified_vlm.files import CheckpointError
-    from unified_vlm.lightning_cli import run_lightning_cli
+    from unified_vlm.lightning_cli import CommandRefused, run_lightning_cli
 
     try:
         run_lightning_cli(argv)
     except CheckpointError as err:  # --ckpt_path truncated, corrupt or holding code
         print(f"error: --ckpt_path {err}", file=sys.stderr)
+        return 2
+    except CommandRefused as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stopped:  # fit saved last.ckpt at the signal
         if rank_zero_only.rank == 0:

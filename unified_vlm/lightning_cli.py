@@ -30,6 +30,11 @@ NOT_ARCHITECTURE_NESTED = {"encoder": {"freeze"}, "backbone": {"gradient_checkpo
                            "image_output": {"loss_weight", "prompt_dropout"}}
 
 
+class CommandRefused(ValueError):
+    """A command line that would do something other than what it looks like; the CLI prints the
+    message (it says what to give instead) and exits 2."""
+
+
 class UnifiedTrainer(L.Trainer):
     """``L.Trainer`` whose ``precision`` also takes ``auto`` (the default): see ``unified_vlm.precision``.
 
@@ -87,6 +92,9 @@ class UnifiedCLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_argument("--test_after_fit", type=bool, default=True, help="score the trained model on the test split after fit")
+        parser.add_argument("--untrained", type=bool, default=False,
+                            help="test/predict without --ckpt_path: use the freshly initialised (untrained) model, "
+                                 "e.g. for a smoke test; without it, they refuse to run")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the whole model config by the checkpoint's hyper-parameters, dropping
@@ -125,6 +133,14 @@ class UnifiedCLI(LightningCLI):
         self.config = self.parser.parse_object({sub: {"model": saved}}, self.config)
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand in ("test", "predict"):
+            config = self.config[self.subcommand]
+            if not config.get("ckpt_path") and not config.get("untrained"):
+                raise CommandRefused(
+                    f"{self.subcommand} without --ckpt_path would use an untrained model and write its results as if "
+                    f"trained. Give the checkpoint: python -m unified_vlm {self.subcommand} --config $RUN/config.yaml "
+                    "--ckpt_path $RUN/checkpoints/last.ckpt (or --untrained true to run the untrained model on purpose)"
+                )
         optim = self.config[self.subcommand].model.get("optim") or {}
         for name in ("lr", "projector_lr", "weight_decay"):
             value = optim.get(name) if hasattr(optim, "get") else getattr(optim, name, None)
