@@ -49,13 +49,30 @@ def list_main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def config_paths(argv: list[str]) -> list[str]:
+    """The files given to ``--config`` in every form the parser accepts: ``--config F``,
+    ``--config=F``, ``-c F``, ``-cF``, ``-c=F`` and the abbreviations ``--con``/``--conf``/``--confi``."""
+    paths, i = [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name == "-c" or (len(name) >= 5 and "--config".startswith(name)):
+            if eq:
+                paths.append(value)
+            elif i + 1 < len(argv):
+                paths.append(argv[i + 1])
+                i += 1
+        elif argv[i].startswith("-c") and not argv[i].startswith("--") and len(argv[i]) > 2:
+            paths.append(argv[i][2:])
+        i += 1
+    return paths
+
+
 def config_file_errors(argv: list[str]) -> list[str]:
-    """A message per ``--config`` file that is not valid YAML, naming the file (jsonargparse names
-    only ``<unicode string>`` with a line and column)."""
+    """A message per ``--config`` (``-c``) file that is not valid YAML, naming the file (jsonargparse
+    names only ``<unicode string>`` with a line and column)."""
     import yaml
 
-    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    paths = config_paths(argv)
     errors = []
     for path in paths:
         try:

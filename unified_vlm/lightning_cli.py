@@ -100,7 +100,7 @@ class UnifiedCLI(LightningCLI):
         """Lightning replaces the whole model config by the checkpoint's hyper-parameters, dropping
         command-line options without a word. Here the config decides: a checkpoint whose network
         differs from it is refused, and the config's (command line's) sampling settings are used.
-        Without any ``--config`` or ``--model.*`` option, the checkpoint's model is used (logged)."""
+        Without any ``--config`` (``-c``) or ``--model.*`` option, the checkpoint's model is used (logged)."""
         sub = self.config.get("subcommand")
         if not sub:
             return
@@ -116,8 +116,10 @@ class UnifiedCLI(LightningCLI):
         if not saved:
             return
         configured = self.config[sub].model.as_dict()
-        gave_model = any(a == "--config" or a.startswith(("--config=", "--model.")) and not a.startswith("--model.sampling.")
-                         for a in self._argv)
+        # A config file in any form (--config F, --config=F, -c F, ...: what the parser read) or a model option.
+        gave_model = bool(self.config[sub].get("config")) or any(
+            a == "--model" or a.startswith(("--model=", "--model.")) and not a.startswith("--model.sampling.")
+            for a in self._argv)
         if gave_model:
             differences = architecture_differences(saved, configured)
             if differences:
