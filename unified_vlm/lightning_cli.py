@@ -162,6 +162,21 @@ class UnifiedCLI(LightningCLI):
         model = self.config[self.subcommand].get("model")
         prepare_builtin_assets(model.as_dict() if hasattr(model, "as_dict") else dict(model or {}))
 
+    def before_fit(self) -> None:
+        """With ``test_after_fit``, what the post-fit test needs (the watch reader that scores the generated
+        watches, the Inception weights) is checked now: a missing file fails before training, not after it."""
+        if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.fast_dev_run:
+            return
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EvaluationReport):
+                try:
+                    callback.load_test_files()
+                except OSError as err:
+                    raise CommandRefused(
+                        f"the test after fit (test_after_fit) could not score the trained model: {err}. Fix that before "
+                        "training, or pass --test_after_fit false (or --report.reader null to score understanding only)"
+                    ) from None
+
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit", True) and not self.trainer.fast_dev_run:
             self.trainer.test(self.model, datamodule=self.datamodule)
