@@ -18,6 +18,13 @@ def write_json_atomically(path: str | os.PathLike, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def file_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what ``open()`` would give a new file (``mkstemp`` gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def publish_dir(write: Callable[[str], object], directory: str, prefix: str, replace_existing: bool = True) -> None:
     """``write(tmp)`` into a temp dir beside ``directory``, then rename it into place, so a reader
     never sees half a directory. An existing ``directory`` is moved aside and deleted only after
