@@ -52,15 +52,14 @@ class RunCheckpoint(ModelCheckpoint):
     put back when training ends.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._signal: Optional[int] = None
-        self._previous_handlers: dict[int, object] = {}
+    # Set per fit in on_train_start (no __init__ override: the CLI reads ModelCheckpoint's signature).
+    _signal: Optional[int] = None
+    _previous_handlers: dict[int, object] = {}
 
     # ------------------------------------------------------------------ stop signals
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        self._signal = None
+        self._signal, self._previous_handlers = None, {}
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for signum in STOP_SIGNALS:
