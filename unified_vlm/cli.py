@@ -49,13 +49,30 @@ def list_main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def config_paths(argv: list[str]) -> list[str]:
+    """The files given to ``--config`` in every form the parser accepts: ``--config F``,
+    ``--config=F``, ``-c F``, ``-cF``, ``-c=F`` and the abbreviations ``--con``/``--conf``/``--confi``."""
+    paths, i = [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name == "-c" or (len(name) >= 5 and "--config".startswith(name)):
+            if eq:
+                paths.append(value)
+            elif i + 1 < len(argv):
+                paths.append(argv[i + 1])
+                i += 1
+        elif argv[i].startswith("-c") and not argv[i].startswith("--") and len(argv[i]) > 2:
+            paths.append(argv[i][2:])
+        i += 1
+    return paths
+
+
 def config_file_errors(argv: list[str]) -> list[str]:
-    """A message per ``--config`` file that is not valid YAML, naming the file (jsonargparse names
-    only ``<unicode string>`` with a line and column)."""
+    """A message per ``--config`` (``-c``) file that is not valid YAML, naming the file (jsonargparse
+    names only ``<unicode string>`` with a line and column)."""
     import yaml
 
-    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
-    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    paths = config_paths(argv)
     errors = []
     for path in paths:
         try:
@@ -100,7 +117,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         for error in errors:
             print(f"error: {error}", file=sys.stderr)
         return 2
-    from unified_vlm.lightning_cli import run_lightning_cli
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    run_lightning_cli(argv)
+    from unified_vlm.callbacks.checkpoint import TrainingInterrupted
+    from unified_vlm.files import CheckpointError
+    from unified_vlm.lightning_cli import CommandRefused, run_lightning_cli
+
+    try:
+        run_lightning_cli(argv)
+    except CheckpointError as err:  # --ckpt_path truncated, corrupt or holding code
+        print(f"error: --ckpt_path {err}", file=sys.stderr)
+        return 2
+    except CommandRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as stopped:  # fit saved last.ckpt at the signal
+        if rank_zero_only.rank == 0:
+            print(f"error: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except SIGTERMException:  # Lightning's own stop (outside training, e.g. in test): a SystemExit with code 0
+        if rank_zero_only.rank == 0:
+            print(f"error: {command} stopped by SIGTERM before it finished; its outputs are incomplete: run it again",
+                  file=sys.stderr)
+        return 128 + 15
     return 0

@@ -18,6 +18,13 @@ def write_json_atomically(path: str | os.PathLike, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def file_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process umask: what ``open()`` would give a new file (``mkstemp`` gives 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def publish_dir(write: Callable[[str], object], directory: str, prefix: str, replace_existing: bool = True) -> None:
     """``write(tmp)`` into a temp dir beside ``directory``, then rename it into place, so a reader
     never sees half a directory. An existing ``directory`` is moved aside and deleted only after
@@ -40,3 +47,39 @@ def publish_dir(write: Callable[[str], object], directory: str, prefix: str, rep
         os.replace(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded safely: truncated, corrupt, or holding code."""
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load`` of a file a user may have been handed: tensors and plain data only
+    (``weights_only=True``), on the CPU. A file that would run code when unpickled, and a truncated or
+    corrupt one, raise ``CheckpointError`` naming the file and what to do."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line
+                       or "WeightsUnpickler error" in line), str(err).splitlines()[0] if str(err) else "")
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain data, which run code when "
+            f"unpickled ({detail}). Checkpoints written by `python -m unified_vlm fit` hold none: use one of those, "
+            "and only load files whose origin you trust") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        text = str(err)
+        if isinstance(err, (FileNotFoundError, IsADirectoryError, PermissionError)):
+            raise
+        if isinstance(err, (EOFError, OSError)) or any(s in text for s in ("PytorchStreamReader", "zip archive",
+                                                                            "mmap can only be used")):
+            size = path.stat().st_size if path.is_file() else 0
+            raise CheckpointError(
+                f"{path} is truncated or corrupt ({size} bytes, not a complete checkpoint archive): it was "
+                "probably cut off while being written or copied. Use another checkpoint (an earlier one of the run) "
+                "or copy it again") from None
+        raise

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
-import torch
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -29,6 +28,11 @@ log = logging.getLogger(__name__)
 NOT_ARCHITECTURE = {"sampling", "optim", "text_loss_average", "text_tokenizer"}
 NOT_ARCHITECTURE_NESTED = {"encoder": {"freeze"}, "backbone": {"gradient_checkpointing"},
                            "image_output": {"loss_weight", "prompt_dropout"}}
+
+
+class CommandRefused(ValueError):
+    """A command line that would do something other than what it looks like; the CLI prints the
+    message (it says what to give instead) and exits 2."""
 
 
 class UnifiedTrainer(L.Trainer):
@@ -88,25 +92,34 @@ class UnifiedCLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteLossGuard, "nonfinite")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_argument("--test_after_fit", type=bool, default=True, help="score the trained model on the test split after fit")
+        parser.add_argument("--untrained", type=bool, default=False,
+                            help="test/predict without --ckpt_path: use the freshly initialised (untrained) model, "
+                                 "e.g. for a smoke test; without it, they refuse to run")
 
     def _parse_ckpt_path(self) -> None:
         """Lightning replaces the whole model config by the checkpoint's hyper-parameters, dropping
         command-line options without a word. Here the config decides: a checkpoint whose network
         differs from it is refused, and the config's (command line's) sampling settings are used.
-        Without any ``--config`` or ``--model.*`` option, the checkpoint's model is used (logged)."""
+        Without any ``--config`` (``-c``) or ``--model.*`` option, the checkpoint's model is used (logged)."""
         sub = self.config.get("subcommand")
         if not sub:
             return
         ckpt_path = self.config[sub].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        from unified_vlm.files import load_checkpoint
+
+        # Every --ckpt_path is read here first, with tensors and plain data only (weights_only): a file that
+        # would run code, or a truncated one, is refused naming the file before Lightning loads it.
+        saved = load_checkpoint(ckpt_path).get("hyper_parameters", {})
         saved = {k: v for k, v in saved.items() if not k.startswith("_")}
         if not saved:
             return
         configured = self.config[sub].model.as_dict()
-        gave_model = any(a == "--config" or a.startswith(("--config=", "--model.")) and not a.startswith("--model.sampling.")
-                         for a in self._argv)
+        # A config file in any form (--config F, --config=F, -c F, ...: what the parser read) or a model option.
+        gave_model = bool(self.config[sub].get("config")) or any(
+            a == "--model" or a.startswith(("--model=", "--model.")) and not a.startswith("--model.sampling.")
+            for a in self._argv)
         if gave_model:
             differences = architecture_differences(saved, configured)
             if differences:
@@ -122,6 +135,14 @@ class UnifiedCLI(LightningCLI):
         self.config = self.parser.parse_object({sub: {"model": saved}}, self.config)
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand in ("test", "predict"):
+            config = self.config[self.subcommand]
+            if not config.get("ckpt_path") and not config.get("untrained"):
+                raise CommandRefused(
+                    f"{self.subcommand} without --ckpt_path would use an untrained model and write its results as if "
+                    f"trained. Give the checkpoint: python -m unified_vlm {self.subcommand} --config $RUN/config.yaml "
+                    "--ckpt_path $RUN/checkpoints/last.ckpt (or --untrained true to run the untrained model on purpose)"
+                )
         optim = self.config[self.subcommand].model.get("optim") or {}
         for name in ("lr", "projector_lr", "weight_decay"):
             value = optim.get(name) if hasattr(optim, "get") else getattr(optim, name, None)
@@ -140,6 +161,21 @@ class UnifiedCLI(LightningCLI):
 
         model = self.config[self.subcommand].get("model")
         prepare_builtin_assets(model.as_dict() if hasattr(model, "as_dict") else dict(model or {}))
+
+    def before_fit(self) -> None:
+        """With ``test_after_fit``, what the post-fit test needs (the watch reader that scores the generated
+        watches, the Inception weights) is checked now: a missing file fails before training, not after it."""
+        if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.fast_dev_run:
+            return
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EvaluationReport):
+                try:
+                    callback.load_test_files()
+                except OSError as err:
+                    raise CommandRefused(
+                        f"the test after fit (test_after_fit) could not score the trained model: {err}. Fix that before "
+                        "training, or pass --test_after_fit false (or --report.reader null to score understanding only)"
+                    ) from None
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit", True) and not self.trainer.fast_dev_run:

@@ -123,12 +123,17 @@ class EvaluationReport(L.Callback):
         reader and Inception files before anything runs, not after a long test."""
         if stage == "test":
             record_tasks.attach(pl_module)
-            from unified_vlm.evaluation.reader import load_reader
+            self.load_test_files()
 
-            self._reader = load_reader(self.reader) if self.reader is not None else None
-            if self.inception_weights is not None and not Path(self.inception_weights).is_file():
-                raise FileNotFoundError(f"report.inception_weights: {self.inception_weights} does not exist "
-                                        "(standard FID needs the Inception weights file on local disk; nothing is downloaded)")
+    def load_test_files(self) -> None:
+        """Load the watch reader and check the Inception weights file, as testing needs them; also called
+        when ``fit`` starts with ``test_after_fit``, so a missing file fails before training, not after it."""
+        from unified_vlm.evaluation.reader import load_reader
+
+        self._reader = load_reader(self.reader) if self.reader is not None else None
+        if self.inception_weights is not None and not Path(self.inception_weights).is_file():
+            raise FileNotFoundError(f"report.inception_weights: {self.inception_weights} does not exist "
+                                    "(standard FID needs the Inception weights file on local disk; nothing is downloaded)")
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
         self.vqa, self.generated, self.captions, self.summary = [], [], [], None

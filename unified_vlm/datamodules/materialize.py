@@ -10,6 +10,12 @@ training from disk and training on the fly are interchangeable. Layout::
 
 Under a ``DataVariant`` (``--variant``) the files are, the same way, exactly the records and
 pictures that ``WatchStream(..., variant=...)`` yields for the split, in its order.
+
+Every file is written beside its target and renamed into place (a killed run leaves no half PNG),
+with the permissions the umask gives. A rerun into a folder holding files it does not write
+(images of a larger earlier run, the split's records in the other format) warns, naming them
+(``StaleFilesWarning``): they are left in place, nothing refers to them; remove them or use a
+fresh folder.
 """
 from __future__ import annotations
 
@@ -18,11 +24,16 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable
 
 from unified_vlm.datamodules.streams import WatchStream
 from unified_vlm.datamodules.variants import DataVariant, VariantError
+
+class StaleFilesWarning(UserWarning):
+    """The output folder holds files this run did not write (left from an earlier run)."""
+
 
 PAPER_SPLIT_SIZES = {"train": 60000, "test": 200}  # watches per split in the paper (1.4)
 FORMATS = ("jsonl", "json")
@@ -48,10 +59,34 @@ def _write_atomically(target: Path, records: list[dict], fmt: str) -> None:
             else:
                 for record in records:
                     f.write(json.dumps(record) + "\n")
+        from unified_vlm.files import file_mode
+
+        os.chmod(temp_name, file_mode())  # mkstemp makes it private (0600); the umask decides, as for the images
         os.replace(temp_name, target)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def _save_png_atomically(image, target: Path) -> None:
+    """``image.save`` to a temporary file beside ``target``, then rename: a killed run leaves no truncated PNG."""
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        image.save(temp, format="PNG")
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _stale_files(out_dir: Path, written: set[str]) -> list[str]:
+    """Files under ``out_dir`` (relative paths) that this run did not write, other splits' records aside."""
+    stale = []
+    for path in sorted(out_dir.rglob("*")):
+        relative = path.relative_to(out_dir).as_posix()
+        if path.is_file() and relative not in written:
+            stale.append(relative)
+    return stale
 
 
 def _other_split_record_files(out_dir: Path, split: str) -> list[str]:
@@ -117,10 +152,17 @@ def materialize(
         if record["image"] not in written:  # the records of one watch share its picture
             path = out_dir / record["image"]
             path.parent.mkdir(parents=True, exist_ok=True)
-            stream.render(record).save(path)
+            _save_png_atomically(stream.render(record), path)
             written.add(record["image"])
         records.append(record)
     _write_atomically(target, records, fmt)
+    stale = _stale_files(out_dir, {Path(name).as_posix() for name in written} | {target.name})
+    if stale:
+        shown = ", ".join(stale[:5]) + (" ..." if len(stale) > 5 else "")
+        warnings.warn(
+            f"{out_dir} holds {len(stale)} file(s) this run did not write and {target.name} does not refer to: {shown}. "
+            "They are left from an earlier run; remove them (or write into a fresh folder) so the folder holds only this "
+            "split", StaleFilesWarning, stacklevel=2)
     return target
 
 
@@ -183,14 +225,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out is required (or --check RECORDS)")
     try:
         variant = load_variant(args.variant) if args.variant is not None else None
-        path = materialize(
-            args.out, split=args.split, num_watches=args.num_watches, seed=args.seed, image_size=args.image_size,
-            fmt=args.format, paper_hours=args.paper_hours, progress=not args.no_progress, overwrite=args.overwrite,
-            variant=variant,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StaleFilesWarning)
+            path = materialize(
+                args.out, split=args.split, num_watches=args.num_watches, seed=args.seed, image_size=args.image_size,
+                fmt=args.format, paper_hours=args.paper_hours, progress=not args.no_progress, overwrite=args.overwrite,
+                variant=variant,
+            )
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for warning in caught:
+        if issubclass(warning.category, StaleFilesWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     print(path)
     return 0
 

@@ -152,6 +152,26 @@ def check_record_images(path: str | Path, image_root: str | Path | None = None) 
     return problems
 
 
+def check_prompt_lengths(located: Sequence[tuple[str, dict]], collator: Any) -> None:
+    """Raise naming every generation prompt (``"<file>: line N"``, first 5) that cannot be answered
+    within ``collator.max_length``: its encoded prompt (``collator.encode_prompt``) plus the image it
+    generates (``num_generation_tokens`` between the image start and end tokens). Training refuses
+    such a record; here a prompt file fails before any image is drawn."""
+    max_length = getattr(collator, "max_length", None)
+    if max_length is None or not hasattr(collator, "encode_prompt"):
+        return
+    image = int(getattr(collator, "num_generation_tokens", 0)) + 2
+    long = []
+    for where, record in located:
+        prompt = len(collator.encode_prompt(record["conversations"], 0))
+        if prompt + image > max_length:
+            long.append(f"{where}: {prompt} prompt tokens + {image} for the image = {prompt + image}")
+    if long:
+        raise RecordError(
+            f"{len(long)} prompt(s) do not fit max_length={max_length} (model.max_length): " + "; ".join(long[:5])
+            + (" ..." if len(long) > 5 else "") + ". Shorten them (or train a model with a larger model.max_length)")
+
+
 def load_image(path: str | Path, image_size: int | None = None) -> Image.Image:
     """An RGB image, resized with BICUBIC to ``image_size`` x ``image_size`` when it differs."""
     with Image.open(path) as raw:

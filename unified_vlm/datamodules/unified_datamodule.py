@@ -328,7 +328,12 @@ class UnifiedDataModule(L.LightningDataModule):
             test_tasks = tuple(t for t in TEST_TASKS if t in MODES[h.test_mode or self.mode])
             self.datasets["test"] = self._dataset("test", h.test_records, h.num_test_watches, test_tasks)
         if stage == "predict" and h.predict_prompts is not None:
-            self.datasets["predict"] = PromptDataset(h.predict_prompts)
+            from unified_vlm.datamodules.records import check_prompt_lengths
+
+            prompts = PromptDataset(h.predict_prompts)
+            check_prompt_lengths([(f"{h.predict_prompts}: line {n}", prompts[i]) for i, (n, _) in enumerate(prompts.prompts)],
+                                 self.collator)  # too long: say so now, naming the line, as training does
+            self.datasets["predict"] = prompts
 
     def _sampler(self, dataset: TensorImages) -> TaskMixSampler:
         """The training order: always our own sampler, so DDP keeps the mix and resume can skip."""

@@ -64,9 +64,14 @@ def check_test_records(path: Optional[str], need_generation: bool) -> None:
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
-    import torch
+    """The training step a checkpoint was saved at, read with tensors and plain data only (a checkpoint
+    that would run code, or a truncated one, is refused naming the file)."""
+    from unified_vlm.files import CheckpointError, load_checkpoint
 
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        state = load_checkpoint(path, mmap=True)
+    except CheckpointError as err:
+        raise EvaluateError(str(err)) from None
     return int(state.get("global_step", 0)) if isinstance(state, dict) else None
 
 
@@ -82,6 +87,7 @@ def flat_row(scores: dict) -> dict:
 def evaluate_run(run_dir: str | Path, which: str = "all", test_records: Optional[str] = None,
                  skip_generation: bool = False, extra_args: Sequence[str] = ()) -> list[dict]:
     """Test each checkpoint of ``run_dir``; returns the rows written to ``evaluation.csv``/``.json``."""
+    from unified_vlm.files import CheckpointError
     from unified_vlm.lightning_cli import run_lightning_cli
 
     run = Path(run_dir)
@@ -100,7 +106,10 @@ def evaluate_run(run_dir: str | Path, which: str = "all", test_records: Optional
                 args += ["--data.test_records", test_records]
             if skip_generation:
                 args += ["--report.reader", "null"]
-            run_lightning_cli(args + list(extra_args))
+            try:
+                run_lightning_cli(args + list(extra_args))
+            except CheckpointError as err:
+                raise EvaluateError(str(err)) from None
         row = {"checkpoint": ckpt.name, "step": checkpoint_step(ckpt)}
         row.update(flat_row(json.loads(scores.read_text())))
         rows.append(row)

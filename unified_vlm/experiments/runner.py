@@ -3,16 +3,21 @@
 Each cell is an ordinary ``python -m unified_vlm fit`` subprocess in ``<out>/<cell-id>/``. Finished
 cells (done marker and scores present) are skipped, interrupted ones resume from
 ``checkpoints/last.ckpt``, a failing cell is recorded in ``failed.json`` and the others go on.
+A SIGTERM (or Ctrl-C) to the runner is passed on to the running ``fit`` children, which save
+``last.ckpt`` and stop; the runner waits for them, records each as interrupted
+(``interrupted.json``, resumable: not failed) and exits 143 (130 for Ctrl-C).
 ``--workers N`` runs N cells side by side, each with its share of the CPU threads;
 ``--emit-slurm`` writes a job array that runs the same single-cell command per array task.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -29,6 +34,15 @@ from unified_vlm.experiments.plan import CellPlan, plan_cells
 from unified_vlm.experiments.spec import ExperimentSpec, SpecError, default_out, load_spec, select
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+INTERRUPTED = "interrupted.json"
+
+
+class RunnerInterrupted(KeyboardInterrupt):
+    """The runner received a stop signal (SIGTERM); its running cells were stopped and recorded."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def available_cpus() -> int:
@@ -73,7 +87,10 @@ def _log_tail(path: Path, lines: int = 30) -> str:
 
 
 class Runner:
-    """Runs planned cells with ``workers`` side by side; Ctrl-C stops the running cells (they resume next time)."""
+    """Runs planned cells with ``workers`` side by side; Ctrl-C or SIGTERM stops the running cells (they
+    save ``last.ckpt`` and resume next time)."""
+
+    STOP_TIMEOUT = 120.0  # seconds a stopped fit may take to finish its step and save last.ckpt
 
     def __init__(self, workers: int = 1, threads: Optional[int] = None, echo=print) -> None:
         if workers < 1:
@@ -83,6 +100,7 @@ class Runner:
         self.echo = echo
         self._running: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
+        self._stopping = False
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -100,6 +118,7 @@ class Runner:
         resume = plan.checkpoint.is_file()
         cmd = command(plan, resume)
         (directory / results.FAILED).unlink(missing_ok=True)
+        (directory / INTERRUPTED).unlink(missing_ok=True)
         _write_json(directory / "cell.json", {
             "id": plan.id, "labels": plan.cell.labels, "overrides": plan.overrides, "notes": plan.notes,
             "command": cmd, "threads": self.threads,
@@ -111,8 +130,11 @@ class Runner:
         with open(log, "a") as out:
             out.write(f"\n===== {_now()} {'resume from ' + str(plan.checkpoint) if resume else 'start'}: {shlex.join(cmd)}\n")
             out.flush()
-            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.environment(), cwd=os.getcwd())
-            with self._lock:
+            with self._lock:  # never start a cell once stop() has begun
+                if self._stopping:
+                    out.write(f"===== {_now()} not started: the runner was stopped\n")
+                    return "interrupted"
+                process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.environment(), cwd=os.getcwd())
                 self._running.add(process)
             try:
                 rc = process.wait()
@@ -127,6 +149,8 @@ class Runner:
             _write_json(directory / results.DONE, {"finished": _now(), "seconds": seconds, "resumed": resume, "command": cmd})
             return "done"
         if rc < 0 or rc in (130, 143):
+            _write_json(directory / INTERRUPTED, {"interrupted": _now(), "exit_status": rc, "seconds": seconds, "log": str(log),
+                                                  "checkpoint": str(plan.checkpoint) if plan.checkpoint.is_file() else None})
             return "interrupted"
         reason = f"exit status {rc}" if rc else "fit exited 0 but wrote no test_scores.json"
         _write_json(directory / results.FAILED, {"failed": _now(), "reason": reason, "seconds": seconds, "log": str(log),
@@ -169,14 +193,18 @@ class Runner:
         return outcome
 
     def stop(self) -> None:
-        """Terminate the cells this runner started (each then resumes from its last checkpoint)."""
+        """Send SIGTERM to the cells this runner started and wait for them: each saves ``last.ckpt`` at
+        the end of its step and exits (it resumes from there next time). One that takes longer than
+        ``STOP_TIMEOUT`` seconds is killed. No new cell starts afterwards."""
         with self._lock:
+            self._stopping = True
             running = list(self._running)
         for process in running:
             process.terminate()
+        deadline = time.time() + self.STOP_TIMEOUT
         for process in running:
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 process.kill()
 
@@ -260,7 +288,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("  " + shlex.join(command(plan, resume=state == "resume")))
         return 0
     try:
-        outcome = Runner(args.workers, args.threads).run(plans)
+        with stop_signals_interrupt():
+            outcome = Runner(args.workers, args.threads).run(plans)
+    except RunnerInterrupted as stopped:
+        print(f"interrupted by {signal.Signals(stopped.signum).name}: the running cells were stopped (each saved "
+              "checkpoints/last.ckpt and is recorded in interrupted.json); run the same command again to resume them",
+              file=sys.stderr)
+        return 128 + stopped.signum
     except KeyboardInterrupt:
         print("interrupted: running cells were stopped; run the same command again to resume them", file=sys.stderr)
         return 130
@@ -268,6 +302,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{len(outcome) - len(failed)}/{len(outcome)} cell(s) done" + (f"; not done: {', '.join(failed)}" if failed else ""))
     print(f"tables and figures: python -m unified_vlm report {shlex.quote(str(spec.path))}" + (f" --out {shlex.quote(str(out_dir))}" if args.out else ""))
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def stop_signals_interrupt():
+    """While running cells, a SIGTERM raises ``RunnerInterrupted`` in the main thread (as Ctrl-C raises
+    KeyboardInterrupt), so the runner stops its cells instead of dying and leaving them running. Further
+    SIGTERMs while stopping are ignored; the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        signal.signal(signum, signal.SIG_IGN)  # once: the cells are being stopped
+        raise RunnerInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def select_plans(plans: list[CellPlan], pattern: Optional[str]) -> list[CellPlan]:
