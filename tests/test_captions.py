@@ -5,7 +5,13 @@ import pytest
 
 from unified_vlm.datamodules.streams import WatchStream
 from unified_vlm.evaluation.captions import (
-    ATTRIBUTES, CaptionScorer, parse_text, score_captions, score_statements, score_value, truth_strings,
+    ATTRIBUTES,
+    CaptionScorer,
+    parse_text,
+    score_captions,
+    score_statements,
+    score_value,
+    truth_strings,
 )
 
 TRUTH = {"hour": 7, "minute": 13, "second": 7, "weather": "sunny", "battery": 57,

@@ -14,11 +14,8 @@ from unified_vlm.models.feature_decoder import (
     token_layout,
     watch_images,
 )
+from unified_vlm.models.output_spaces import FeatureOutputSpace, build_feature_output_space
 from unified_vlm.pretraining.feature_decoder import FeatureDecoderModule
-from unified_vlm.models.output_spaces import (
-    FeatureOutputSpace,
-    build_feature_output_space,
-)
 from unified_vlm.registry import ENCODERS
 
 SIZE = 32

@@ -12,7 +12,13 @@ import torch
 from unified_vlm.assets import ASSETS_DIR, shipped
 from unified_vlm.datamodules.watch import CORNERS, WEATHERS, render_watch, sample_watch
 from unified_vlm.evaluation.reader import (
-    READER_ASSET, WatchReader, WatchReaderConfig, decode, load_reader, reader_accuracy, to_tensor_batch,
+    READER_ASSET,
+    WatchReader,
+    WatchReaderConfig,
+    decode,
+    load_reader,
+    reader_accuracy,
+    to_tensor_batch,
 )
 
 TINY = WatchReaderConfig(face_size=32, face_channels=(8, 8), corner_scale=0.5, corner_channels=(8, 8), feature_dim=8,

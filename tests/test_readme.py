@@ -33,7 +33,12 @@ def test_readme_commands_and_configs_exist():
 def accepted_options() -> dict[str, set[str]]:
     """Every ``--group.option`` group the CLI has, with the options it takes."""
     from unified_vlm.callbacks import (
-        EvaluationReport, GenerationProbe, NonFiniteLossGuard, PredictionWriter, RunCheckpoint, VQAProbe,
+        EvaluationReport,
+        GenerationProbe,
+        NonFiniteLossGuard,
+        PredictionWriter,
+        RunCheckpoint,
+        VQAProbe,
     )
 
     def params(fn) -> set[str]:

@@ -128,7 +128,8 @@ def test_a_shared_projector_must_be_frozen_under_both_names(tiny_model_kwargs, t
 
 def test_a_checkpoint_of_another_shape_is_refused_by_name(tiny_model_kwargs, source):
     path, _ = source
-    wider = make(tiny_model_kwargs, backbone={"name": "qwen2", "options": {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}})
+    wider = make(tiny_model_kwargs,
+                 backbone={"name": "qwen2", "options": {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}})
     with pytest.raises(ValueError, match=r"shapes differ for .*lm\.model\.embed_tokens\.weight \(checkpoint \(\d+, 32\), model \(\d+, 48\)\)"):
         staged.load_model_weights(wider, str(path))
     linear = make(tiny_model_kwargs, und_projector="linear")
