@@ -86,7 +86,7 @@ def test_fit_then_test_from_checkpoint(config, tmp_path, tiny_vq_dir, capsys):
     scores = json.loads((run / "test_scores.json").read_text())
     assert scores["summary"]["all_turns"]["count"] > 0
     assert (run / "generation_grid.png").is_file()
-    generation = scores["generation"]  # both directions are measured (issue 10)
+    generation = scores["generation"]  # both directions are measured
     assert generation["requested"] == 3 and generation["renderer"]
     if generation["generated"] >= 2:
         assert 0 <= generation["faithfulness"]["total"] <= 1 and generation["faithfulness"]["count"] == generation["generated"]
