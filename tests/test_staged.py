@@ -1,4 +1,4 @@
-"""Staged training (PAPER.md 5.4, 6): ``model.init_from`` starts a fit from another run's model
+"""Staged training (docs/paper.md 5.4, 6): ``model.init_from`` starts a fit from another run's model
 weights, ``model.freeze`` keeps named modules fixed; bad names and mismatched checkpoints fail."""
 from __future__ import annotations
 
