@@ -23,11 +23,11 @@ import torch
 
 
 def run(n: int = 1000, size: int = 64, bootstrap: int = 100, n_real: int = 1000, threads: int = 1) -> list[dict]:
-    from unified_vlm.models.builders import build_vq_tokenizer
     from unified_vlm.datamodules.streams import WatchStream
     from unified_vlm.datamodules.watch import WatchAttributes, render_watch
     from unified_vlm.evaluation.generation import reader_frechet, reference_renders, score_generation
     from unified_vlm.evaluation.reader import load_reader, to_tensor_batch
+    from unified_vlm.models.builders import build_vq_tokenizer
 
     torch.set_num_threads(threads)
     reader = load_reader()

@@ -5,7 +5,13 @@ import pytest
 
 from unified_vlm.datamodules.streams import WatchStream
 from unified_vlm.evaluation.captions import (
-    ATTRIBUTES, CaptionScorer, parse_text, score_captions, score_statements, score_value, truth_strings,
+    ATTRIBUTES,
+    CaptionScorer,
+    parse_text,
+    score_captions,
+    score_statements,
+    score_value,
+    truth_strings,
 )
 
 TRUTH = {"hour": 7, "minute": 13, "second": 7, "weather": "sunny", "battery": 57,
@@ -22,7 +28,7 @@ def test_parses_every_builder_phrasing():
 
 def test_builder_texts_parse_back_to_their_attributes():
     """Every caption and generation prompt the data engine writes states only true values, and
-    states time always (PAPER.md 1.3)."""
+    states time always (docs/paper.md 1.3)."""
     stream = WatchStream(split="val", num_watches=150, tasks=("generation", "caption"), image_size=32)
     seen = set()
     for i in range(len(stream)):

@@ -14,7 +14,9 @@ CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 TINY_CONFIGS = [c for c in CONFIGS if c.stem.startswith("tiny_")]
 PAPER_CONFIGS = [c for c in CONFIGS if c.stem.startswith("paper_")]
 MAIN_CONFIG = CONFIG_DIR / "tiny_siglip_vq.yaml"
-TINY_SIGLIP = {"name": "siglip", "weights": None, "options": {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}}
+TINY_SIGLIP = {"name": "siglip", "weights": None,
+               "options": {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                           "intermediate_size": 64}}
 
 
 def tiny_overrides(tmp_path: Path, vq_dir: str, config: Path = MAIN_CONFIG) -> Path:
@@ -35,7 +37,8 @@ def tiny_overrides(tmp_path: Path, vq_dir: str, config: Path = MAIN_CONFIG) -> P
             "image_output": image_output,
             "sampling": {"max_new_tokens": 4},
         },
-        "data": {"image_size": 16, "num_train_watches": 8, "num_val_watches": 2, "num_test_watches": 3, "global_batch_size": 4, "num_workers": 0, "eval_batch_size": 8},
+        "data": {"image_size": 16, "num_train_watches": 8, "num_val_watches": 2, "num_test_watches": 3, "global_batch_size": 4,
+                 "num_workers": 0, "eval_batch_size": 8},
         "trainer": {
             "max_steps": 3, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
             "default_root_dir": str(tmp_path),
@@ -83,7 +86,7 @@ def test_fit_then_test_from_checkpoint(config, tmp_path, tiny_vq_dir, capsys):
     scores = json.loads((run / "test_scores.json").read_text())
     assert scores["summary"]["all_turns"]["count"] > 0
     assert (run / "generation_grid.png").is_file()
-    generation = scores["generation"]  # both directions are measured (issue 10)
+    generation = scores["generation"]  # both directions are measured
     assert generation["requested"] == 3 and generation["renderer"]
     if generation["generated"] >= 2:
         assert 0 <= generation["faithfulness"]["total"] <= 1 and generation["faithfulness"]["count"] == generation["generated"]
@@ -99,7 +102,8 @@ def test_fit_then_test_from_checkpoint(config, tmp_path, tiny_vq_dir, capsys):
 
     # Reload the checkpoint through the CLI with the run's own saved config.
     (run / "test_scores.json").unlink()
-    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "retest")])
+    main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(ckpt), "--trainer.logger", "false",
+          "--trainer.default_root_dir", str(tmp_path / "retest")])
     rescored = json.loads((tmp_path / "retest" / "test_scores.json").read_text())
     assert rescored["summary"] == scores["summary"]  # greedy decoding of the same weights
 

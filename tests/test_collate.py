@@ -85,7 +85,7 @@ def test_vqa_two_turns_layout_and_labels(coll, tok, sid):
     )  # fmt: skip
     assert ids == expected
     assert len(labels) == len(ids)
-    supervised = [k for k, l in enumerate(labels) if l != IGNORE_INDEX]
+    supervised = [k for k, label in enumerate(labels) if label != IGNORE_INDEX]
     assert [labels[k] for k in supervised] == a0 + [sid["end_turn"]] + a1 + [sid["end_turn"]]
     # labels are not shifted: each supervised label equals the input id at its position
     assert all(labels[k] == ids[k] for k in supervised)
@@ -102,10 +102,10 @@ def test_generation_record_labels(coll, sid):
     start, end = ids.index(sid["image_start"]), ids.index(sid["image_end"])
     assert end - start == NG + 1
     assert labels[start] == sid["image_start"] and labels[end] == sid["image_end"]
-    assert all(l == IGNORE_INDEX for l in labels[start + 1 : end])
+    assert all(label == IGNORE_INDEX for label in labels[start + 1 : end])
     assert ids[end + 1] == sid["end_turn"] and labels[end + 1] == sid["end_turn"]
     # the human prompt is never supervised
-    assert all(l == IGNORE_INDEX for l in labels[: ids.index(sid["assistant"])])
+    assert all(label == IGNORE_INDEX for label in labels[: ids.index(sid["assistant"])])
     assert out["gen_image"] is not None and out["und_image"] is None
 
 
@@ -113,7 +113,7 @@ def test_caption_record_labels(coll, tok, sid):
     out = coll.encode(caption_record())
     ids, labels = out["input_ids"].tolist(), out["labels"].tolist()
     assert ids.count(sid["image_pad"]) == NU
-    supervised = [l for l in labels if l != IGNORE_INDEX]
+    supervised = [label for label in labels if label != IGNORE_INDEX]
     assert supervised == enc(tok, "The image shows a smart watch, showing sunny weather.") + [sid["end_turn"]]
     assert labels[-1] == IGNORE_INDEX and ids[-1] == sid["eos"] and ids[0] == sid["bos"]
 

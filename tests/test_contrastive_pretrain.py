@@ -8,6 +8,7 @@ import torch
 
 from unified_vlm.cli import main as cli_main
 from unified_vlm.files import publish_dir
+from unified_vlm.models.encoders import OPTIONS_FILE, SiglipEncoder
 from unified_vlm.pretraining.contrastive import (
     TEXT_TOWER_DIR,
     SigmoidContrastiveModule,
@@ -21,7 +22,6 @@ from unified_vlm.pretraining.contrastive import (
     tokenize,
     weather_prompts,
 )
-from unified_vlm.models.encoders import OPTIONS_FILE, SiglipEncoder
 from unified_vlm.registry import ENCODERS
 
 TINY = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,

@@ -88,7 +88,7 @@ def test_test_split_holds_vqa_generation_and_caption_records(collator):
 
 
 def test_test_mode_scores_every_task_of_a_model_trained_on_one(collator):
-    """Stage 2 of the transfer test trains on generation only and is scored on VQA (PAPER.md 5.4)."""
+    """Stage 2 of the transfer test trains on generation only and is scored on VQA (docs/paper.md 5.4)."""
     dm = UnifiedDataModule(collator=collator, mode="generation", test_mode="mixed", image_size=16, num_test_watches=3,
                            eval_batch_size=4, num_workers=0)
     dm.setup("test")

@@ -1,4 +1,4 @@
-"""The affine distortion of the understanding input (PAPER.md 5.2 b): the map itself, its bounds,
+"""The affine distortion of the understanding input (docs/paper.md 5.2 b): the map itself, its bounds,
 its place in the model (understanding only), and that checkpoints carry it exactly."""
 from __future__ import annotations
 

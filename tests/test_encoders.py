@@ -9,11 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from unified_vlm.datamodules.watch import WatchAttributes, sample_watch
-from unified_vlm.pretraining.encoder import (
-    OUTPUTS, TOKEN_CHANNELS, AttributePretrainModule, WatchAttributeDataModule, attribute_metrics, attribute_targets,
-    decode_time, load_or_pretrain_encoder, main, token_targets,
-)
 from unified_vlm.models.encoders import OPTIONS_FILE, ClipEncoder, SiglipEncoder, TimmEncoder
+from unified_vlm.pretraining.encoder import (
+    OUTPUTS,
+    TOKEN_CHANNELS,
+    AttributePretrainModule,
+    WatchAttributeDataModule,
+    attribute_metrics,
+    attribute_targets,
+    decode_time,
+    load_or_pretrain_encoder,
+    main,
+    token_targets,
+)
 from unified_vlm.registry import ENCODERS
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

@@ -48,7 +48,7 @@ def test_shipped_experiment_dry_runs(experiment, tmp_path, capsys):
 
 def test_regimes_follow_the_papers_step_arithmetic(tmp_path):
     """Equal-epoch baselines train the share of the mixed run's draws their tasks make up; equal-step
-    ones as many steps as the mixed run (PAPER.md 3.2: 459 / 306 / 153 at paper size)."""
+    ones as many steps as the mixed run (docs/paper.md 3.2: 459 / 306 / 153 at paper size)."""
     tiny = plan_cells(load_spec(ROOT / "configs/experiments/tiny_mixed_vs_specific.yaml"), tmp_path)
     fixed = 400  # the tiny experiment's trainer.max_steps, on the paper's equal mix (data.proportions null)
     for arch in ("siglip_vq", "vq_vq"):  # every record once: 1 of 3 records per watch is a generation record

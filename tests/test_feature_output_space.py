@@ -14,11 +14,8 @@ from unified_vlm.models.feature_decoder import (
     token_layout,
     watch_images,
 )
+from unified_vlm.models.output_spaces import FeatureOutputSpace, build_feature_output_space
 from unified_vlm.pretraining.feature_decoder import FeatureDecoderModule
-from unified_vlm.models.output_spaces import (
-    FeatureOutputSpace,
-    build_feature_output_space,
-)
 from unified_vlm.registry import ENCODERS
 
 SIZE = 32
@@ -60,7 +57,7 @@ def test_output_space_contract(images):
     targets = space.targets(images[:3].requires_grad_(False))
     assert targets.shape == (3, 16, 32) and targets.dtype == torch.float32 and not targets.requires_grad
     torch.testing.assert_close(targets, encoder(images[:3]))
-    assert space.input_features(targets) is targets  # fed back un-normalised (PAPER.md 2.5)
+    assert space.input_features(targets) is targets  # fed back un-normalised (docs/paper.md 2.5)
     decoded = space.decode(targets)
     assert decoded.shape == (3, 3, SIZE, SIZE) and decoded.dtype == torch.float32
     assert 0 <= float(decoded.min()) and float(decoded.max()) <= 1

@@ -9,9 +9,16 @@ from unified_vlm.assets import shipped
 from unified_vlm.datamodules.streams import WatchStream
 from unified_vlm.datamodules.watch import render_watch, sample_watch
 from unified_vlm.evaluation.generation import (
-    GenerationScorer, frechet_distance, frechet_with_interval, generation_report, inception_fid, kernel_distance,
+    GenerationScorer,
+    frechet_distance,
+    frechet_with_interval,
+    generation_report,
+    inception_fid,
+    kernel_distance,
     prompt_of,
-    reader_fid_metric, reader_frechet, score_generation,
+    reader_fid_metric,
+    reader_frechet,
+    score_generation,
 )
 from unified_vlm.evaluation.reader import WatchReader, WatchReaderConfig
 

@@ -6,12 +6,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from unified_vlm.models.llamagen_vq import (
-    AttnBlock,
-    LlamaGenVQ,
-    LlamaGenVQConfig,
-    load_llamagen_state_dict,
-)
+from unified_vlm.models.llamagen_vq import AttnBlock, LlamaGenVQ, LlamaGenVQConfig, load_llamagen_state_dict
 from unified_vlm.models.output_spaces import VQOutputSpace
 
 

@@ -1,4 +1,4 @@
-"""Adapter probes (PAPER.md 4.4): the linear probe on plain tensors, t-SNE, and the ``probe``
+"""Adapter probes (docs/paper.md 4.4): the linear probe on plain tensors, t-SNE, and the ``probe``
 command on a tiny distorted VQ-VQ checkpoint trained in the test."""
 from __future__ import annotations
 

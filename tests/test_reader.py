@@ -1,5 +1,5 @@
 """The watch reader: its contract on any square size, persistence, the training job, and the shipped
-reader's accuracy on fresh renders of a split no training used (issue 10 part 1 targets)."""
+reader's accuracy on fresh renders of a split no training used, against fixed targets."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,13 @@ import torch
 from unified_vlm.assets import ASSETS_DIR, shipped
 from unified_vlm.datamodules.watch import CORNERS, WEATHERS, render_watch, sample_watch
 from unified_vlm.evaluation.reader import (
-    READER_ASSET, WatchReader, WatchReaderConfig, decode, load_reader, reader_accuracy, to_tensor_batch,
+    READER_ASSET,
+    WatchReader,
+    WatchReaderConfig,
+    decode,
+    load_reader,
+    reader_accuracy,
+    to_tensor_batch,
 )
 
 TINY = WatchReaderConfig(face_size=32, face_channels=(8, 8), corner_scale=0.5, corner_channels=(8, 8), feature_dim=8,
@@ -170,7 +176,7 @@ def test_shipped_reader_is_small_and_found_as_builtin():
 @needs_reader
 @pytest.mark.parametrize("size", [64, 224])
 def test_shipped_reader_meets_the_targets_on_fresh_renders(size):
-    """Issue 10 part 1: weather and both corners >= 0.99, time score >= 0.97, battery MAE <= 3."""
+    """Targets: weather and both corners >= 0.99, time score >= 0.97, battery MAE <= 3."""
     acc = reader_accuracy(load_reader(), CHECK_SPLIT, 200, size)
     assert acc["weather"] >= 0.99 and acc["weather_pos"] >= 0.99 and acc["battery_pos"] >= 0.99, acc
     assert acc["time"] >= 0.97, acc

@@ -1,4 +1,6 @@
-"""The README stays true to the code: its commands, configs and options exist."""
+"""The README stays true to the code: its commands, configs and options exist, and its map lists every module.
+
+The commands and options of docs/studies.md (the measurements moved out of the README) are checked too."""
 from __future__ import annotations
 
 import inspect
@@ -13,6 +15,7 @@ from unified_vlm.models.unified import UnifiedVLM
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+STUDIES = (ROOT / "docs" / "studies.md").read_text()
 
 
 def test_readme_has_install_main_and_test_commands():
@@ -24,16 +27,21 @@ def test_readme_has_install_main_and_test_commands():
 
 
 def test_readme_commands_and_configs_exist():
-    commands = re.findall(r"python -m unified_vlm ([a-z][a-z-]*)", README)
+    commands = re.findall(r"python -m unified_vlm ([a-z][a-z-]*)", README + STUDIES)
     assert commands and set(commands) <= set(LIGHTNING) | set(TOOLS)
-    for path in re.findall(r"(configs/[\w./-]+\.yaml)", README):
+    for path in re.findall(r"(configs/[\w./-]+\.yaml)", README + STUDIES):
         assert (ROOT / path).is_file(), path
 
 
 def accepted_options() -> dict[str, set[str]]:
     """Every ``--group.option`` group the CLI has, with the options it takes."""
     from unified_vlm.callbacks import (
-        EvaluationReport, GenerationProbe, NonFiniteLossGuard, PredictionWriter, RunCheckpoint, VQAProbe,
+        EvaluationReport,
+        GenerationProbe,
+        NonFiniteLossGuard,
+        PredictionWriter,
+        RunCheckpoint,
+        VQAProbe,
     )
 
     def params(fn) -> set[str]:
@@ -60,7 +68,7 @@ def test_readme_options_exist():
     specs = {"encoder": config.EncoderSpec, "backbone": config.BackboneSpec, "image_output": config.ImageOutputSpec,
              "optim": config.OptimSpec, "sampling": config.SamplingSpec}
     accepted = accepted_options()
-    named = re.findall(r"--(\w+)\.([\w.]*\w)", README)
+    named = re.findall(r"--(\w+)\.([\w.]*\w)", README + STUDIES)
     assert {"vqa_probe", "predictions"} <= {group for group, _ in named}
     for group, option in named:
         if (group, option) == ("group", "option"):  # the placeholder in the cookbook's first line
@@ -76,3 +84,59 @@ def test_readme_option_check_catches_a_wrong_group_and_a_wrong_option():
     accepted = accepted_options()
     assert "max_records" in accepted["vqa_probe"] and "output_dir" in accepted["predictions"]
     assert "max_record" not in accepted["vqa_probe"] and "prediction" not in accepted
+
+
+def listed_files(block: str) -> set[str]:
+    """The files a map lists, as paths from the repository root: a line starting ``name/`` opens a
+    folder for the lines indented below it; a line starting ``name.py`` is a file in that folder."""
+    paths, folders = set(), []  # folders: (indent, "name/") of the open folders, outermost first
+    for line in block.splitlines():
+        match = re.match(r"( *)(\S+)", line)
+        if not match:
+            continue
+        indent, name = len(match.group(1)), match.group(2)
+        while folders and folders[-1][0] >= indent:
+            folders.pop()
+        if name.endswith("/"):
+            folders.append((indent, name))
+        elif name.endswith(".py"):
+            paths.add("".join(folder for _, folder in folders) + name)
+    return paths
+
+
+def readme_map() -> set[str]:
+    section = README.split("## What is inside", 1)[1]
+    return listed_files(section.split("```", 2)[1])
+
+
+def modules() -> set[str]:
+    """Every module of the package (``__init__.py`` aside) and every benchmark script."""
+    found = {p for p in (ROOT / "unified_vlm").rglob("*.py") if p.name != "__init__.py"}
+    found |= set((ROOT / "benchmarks").glob("*.py"))
+    return {p.relative_to(ROOT).as_posix() for p in found}
+
+
+def test_readme_map_lists_every_module():
+    missing = sorted(modules() - readme_map())
+    assert not missing, f"add these to the README's 'What is inside' map, one line each under their folder: {missing}"
+
+
+def test_readme_map_lists_only_files_that_exist():
+    stale = sorted(path for path in readme_map() if not (ROOT / path).is_file())
+    assert not stale, f"the README's 'What is inside' map lists files that do not exist: {stale}"
+
+
+def test_map_parser_follows_the_indentation():
+    block = """
+pkg/
+  top.py      a module
+  sub/        a folder
+    reader.py   in sub
+  other/
+    reader.py   the same name, another folder
+  last.py
+bench/
+  run.py
+docs/         prose with reader.py inside is not a file
+"""
+    assert listed_files(block) == {"pkg/top.py", "pkg/sub/reader.py", "pkg/other/reader.py", "pkg/last.py", "bench/run.py"}

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the PAPER.md 4.2 VQA scoring rules."""
+"""Hand-computed checks of the docs/paper.md 4.2 VQA scoring rules."""
 import json
 
 import pytest

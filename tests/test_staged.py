@@ -1,4 +1,4 @@
-"""Staged training (PAPER.md 5.4, 6): ``model.init_from`` starts a fit from another run's model
+"""Staged training (docs/paper.md 5.4, 6): ``model.init_from`` starts a fit from another run's model
 weights, ``model.freeze`` keeps named modules fixed; bad names and mismatched checkpoints fail."""
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ def test_a_shared_projector_must_be_frozen_under_both_names(tiny_model_kwargs, t
 
 def test_a_checkpoint_of_another_shape_is_refused_by_name(tiny_model_kwargs, source):
     path, _ = source
-    wider = make(tiny_model_kwargs, backbone={"name": "qwen2", "options": {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}})
+    wider = make(tiny_model_kwargs,
+                 backbone={"name": "qwen2", "options": {"hidden_size": 48, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}})
     with pytest.raises(ValueError, match=r"shapes differ for .*lm\.model\.embed_tokens\.weight \(checkpoint \(\d+, 32\), model \(\d+, 48\)\)"):
         staged.load_model_weights(wider, str(path))
     linear = make(tiny_model_kwargs, und_projector="linear")

@@ -1,4 +1,4 @@
-"""Dataset variants (PAPER.md 1.5, 3.4, 5.3, 5.4): data scaling, knowledge-transfer bias, fixed layout,
+"""Dataset variants (docs/paper.md 1.5, 3.4, 5.3, 5.4): data scaling, knowledge-transfer bias, fixed layout,
 style and wording; streamed == materialised, deterministic, default unchanged, bad input named."""
 from __future__ import annotations
 

@@ -7,16 +7,17 @@ import pytest
 import torch
 
 from unified_vlm.models.quantizers import FSQQuantizer, fsq_levels_for
+from unified_vlm.models.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 from unified_vlm.pretraining.vq import (
     VQTokenizerModule,
-    detail_weights,
     WatchImageDataModule,
     WatchImageDataset,
+    detail_weights,
     load_or_train_vq_tokenizer,
     main,
 )
-from unified_vlm.models.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 from unified_vlm.registry import QUANTIZERS
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

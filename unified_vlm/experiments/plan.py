@@ -132,7 +132,8 @@ def _explain(message: str, known: list[str]) -> str:
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
-        hints.append(f"fit has no key {key}" + (f" (did you mean {' or '.join(close)}?)" if close else " (python -m unified_vlm fit --help lists the keys)"))
+        hint = f" (did you mean {' or '.join(close)}?)" if close else " (python -m unified_vlm fit --help lists the keys)"
+        hints.append(f"fit has no key {key}" + hint)
     return "; ".join(hints) if hints else message
 
 

@@ -187,7 +187,7 @@ def _pyplot():
 
 
 def _series_label(experiment: Experiment, key: tuple[str, ...], skip: set[str]) -> str:
-    parts = [f"{a}={l}" for a, l in zip(experiment.group_axes, key) if a not in skip]
+    parts = [f"{a}={label}" for a, label in zip(experiment.group_axes, key) if a not in skip]
     return ", ".join(parts) or experiment.name
 
 
@@ -231,7 +231,7 @@ def curves_figure(experiment: Experiment, path: Path) -> Optional[Path]:
                 ax.plot(steps, mean, marker="o", markersize=3, label=f"{label} (n={logged})")
                 ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
                 drawn = True
-            title = ", ".join(f"{a}={l}" for a, l in zip(rows_axes, row))
+            title = ", ".join(f"{a}={label}" for a, label in zip(rows_axes, row))
             ax.set_title(f"{task}: {column}" + (f"\n{title}" if title else ""), fontsize=9)
             ax.set_xlabel("optimiser step")
             if drawn:
@@ -257,7 +257,7 @@ def line_specs(experiment: Experiment) -> list[dict[str, Any]]:
         return list(experiment.options["lines"])
     specs = []
     for axis in experiment.axes:
-        if axis["kind"] != "seed" and len(axis["labels"]) > 1 and all(_numeric(l) is not None for l in axis["labels"]):
+        if axis["kind"] != "seed" and len(axis["labels"]) > 1 and all(_numeric(label) is not None for label in axis["labels"]):
             specs.append({"axis": axis["name"]})
     return specs
 
@@ -272,15 +272,16 @@ def line_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Opt
     """Score vs axis value with error bars (std over seeds), one line per group of the other axes."""
     axis = spec["axis"]
     names = metric_names(experiment)
-    metrics = [m for m in (spec.get("metrics") or [m for m in default_metrics(experiment) if m.endswith("total")] or default_metrics(experiment, 1)) if m in names]
+    wanted = spec.get("metrics") or [m for m in default_metrics(experiment) if m.endswith("total")] or default_metrics(experiment, 1)
+    metrics = [m for m in wanted if m in names]
     if not metrics:
         return None
     positions = {str(k): float(v) for k, v in (spec.get("x") or {}).items()}
     labels = next(a["labels"] for a in experiment.axes if a["name"] == axis)
-    x_of = {l: positions.get(l, _numeric(l)) for l in labels}
+    x_of = {label: positions.get(label, _numeric(label)) for label in labels}
     # With an explicit x mapping, a label left out of it (e.g. "none" beside strengths) is a
     # reference: drawn as a dashed horizontal line at its mean instead of a point.
-    references = [l for l, v in x_of.items() if v is None]
+    references = [label for label, v in x_of.items() if v is None]
     if references and not spec.get("x"):
         raise ValueError(f"report.lines for axis {axis!r}: labels {references} are not numbers; give x: {{label: number}}")
     others = [a for a in experiment.group_axes if a != axis]
@@ -295,7 +296,7 @@ def line_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Opt
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for key, by_label in series.items():
-            name = ", ".join(f"{a}={l}" for a, l in zip(others, key)) or metric
+            name = ", ".join(f"{a}={label}" for a, label in zip(others, key)) or metric
             points, colour = [], None
             for label in labels:
                 values = [c.scores[metric] for c in by_label.get(label, []) if metric in c.scores]

@@ -21,8 +21,8 @@ Axis kinds (``kind:``):
 from __future__ import annotations
 
 import fnmatch
-import json
 import itertools
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +121,7 @@ class ExperimentSpec:
                 elif axis.kind == "regime":
                     regime = label
                 overrides.update(axis.overrides.get(label, {}))
-            cell_id = CELL_SEPARATOR.join(f"{a}={l}" for a, l in labels.items()) or "single"
+            cell_id = CELL_SEPARATOR.join(f"{a}={label}" for a, label in labels.items()) or "single"
             cells.append(Cell(cell_id, labels, configs, overrides, regime))
         if not cells:
             raise SpecError(f"{self.path}: the include/exclude rules leave no cell; loosen them")
@@ -133,7 +133,11 @@ def select(cells: list[Cell], pattern: Optional[str]) -> list[Cell]:
     if not pattern:
         return cells
     parts = [p.strip() for p in pattern.split(",") if p.strip()]
-    chosen = [c for c in cells if all(any(fnmatch.fnmatchcase(piece, p) for piece in c.id.split(CELL_SEPARATOR)) or fnmatch.fnmatchcase(c.id, p) for p in parts)]
+
+    def matches(cell: Cell, p: str) -> bool:
+        return any(fnmatch.fnmatchcase(piece, p) for piece in cell.id.split(CELL_SEPARATOR)) or fnmatch.fnmatchcase(cell.id, p)
+
+    chosen = [c for c in cells if all(matches(c, p) for p in parts)]
     if not chosen:
         raise SpecError(f"--only {pattern!r} matches no cell; cells look like {cells[0].id!r}")
     return chosen
@@ -144,7 +148,10 @@ def _resolve_path(value: Any, where: str, spec_path: Path) -> Path:
     """A config path: as given from the current directory, else beside the experiment file or one of its parents."""
     if not isinstance(value, str) or not value:
         raise SpecError(f"{spec_path}: {where} must be a config file path, got {value!r}")
-    candidates = [Path(value)] if Path(value).is_absolute() else [Path.cwd() / value] + [d / value for d in [spec_path.parent, *spec_path.parent.parents]]
+    if Path(value).is_absolute():
+        candidates = [Path(value)]
+    else:
+        candidates = [Path.cwd() / value] + [d / value for d in [spec_path.parent, *spec_path.parent.parents]]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
@@ -222,13 +229,13 @@ def _axis(name: str, raw: Any, spec_path: Path) -> Axis:
         raise SpecError(f"{spec_path}: axis {name!r}: 'keys' belongs to kind: seed axes")
     values = _labelled(raw.get("values"), name, spec_path)
     if kind == "config":
-        return Axis(name, kind, list(values), {l: {} for l in values},
-                    {l: _paths(v, f"axis {name!r} value {l!r}", spec_path) for l, v in values.items()})
+        return Axis(name, kind, list(values), {label: {} for label in values},
+                    {label: _paths(v, f"axis {name!r} value {label!r}", spec_path) for label, v in values.items()})
     if kind == "regime":
-        bad = [l for l in values if l not in REGIMES]
+        bad = [label for label in values if label not in REGIMES]
         if bad:
             raise SpecError(f"{spec_path}: axis {name!r}: unknown regime(s) {bad}; regimes: {list(REGIMES)}")
-        return Axis(name, kind, list(values), {l: {} for l in values})
+        return Axis(name, kind, list(values), {label: {} for label in values})
     if kind == "seed":
         keys = raw.get("keys", ["seed_everything"])
         if not isinstance(keys, list) or not keys:
@@ -237,13 +244,13 @@ def _axis(name: str, raw: Any, spec_path: Path) -> Axis:
         for label, value in values.items():
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SpecError(f"{spec_path}: axis {name!r}: seed {label!r} must be an integer, got {value!r}")
-        return Axis(name, kind, list(values), {l: {k: v for k in keys} for l, v in values.items()})
+        return Axis(name, kind, list(values), {label: {k: v for k in keys} for label, v in values.items()})
     if kind == "key":
         key = _check_key(raw.get("key"), f"axis {name!r} key", spec_path)
-        return Axis(name, kind, list(values), {l: {key: v} for l, v in values.items()})
+        return Axis(name, kind, list(values), {label: {key: v} for label, v in values.items()})
     if not isinstance(raw.get("values"), dict):
         raise SpecError(f"{spec_path}: axis {name!r}: an overrides axis maps labels to {{dotted key: value}} mappings")
-    return Axis(name, kind, list(values), {l: _overrides(v, f"axis {name!r} value {l!r}", spec_path) for l, v in values.items()})
+    return Axis(name, kind, list(values), {label: _overrides(v, f"axis {name!r} value {label!r}", spec_path) for label, v in values.items()})
 
 
 def _rules(raw: Any, what: str, axes: list[Axis], spec_path: Path) -> list[Rule]:
@@ -265,7 +272,7 @@ def _rules(raw: Any, what: str, axes: list[Axis], spec_path: Path) -> list[Rule]
                 raise SpecError(f"{spec_path}: {what} rule {item['name']!r}: no axis {axis!r}; axes: {list(by_name)}")
             pats = [str(v).lower() if isinstance(v, bool) else str(v) for v in (value if isinstance(value, list) else [value])]
             for p in pats:
-                if not any(fnmatch.fnmatchcase(l, p) for l in by_name[axis].labels):
+                if not any(fnmatch.fnmatchcase(label, p) for label in by_name[axis].labels):
                     raise SpecError(f"{spec_path}: {what} rule {item['name']!r}: {p!r} matches no label of axis {axis!r} {by_name[axis].labels}")
             patterns[axis] = pats
         rules.append(Rule(item["name"], patterns))
@@ -287,7 +294,11 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     if unknown:
         import difflib
 
-        hints = [f"{k!r} (did you mean {difflib.get_close_matches(k, TOP_LEVEL_KEYS, 1)[0]!r}?)" if difflib.get_close_matches(k, TOP_LEVEL_KEYS, 1) else repr(k) for k in sorted(unknown)]
+        def hint(k: str) -> str:
+            close = difflib.get_close_matches(k, TOP_LEVEL_KEYS, 1)
+            return f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k)
+
+        hints = [hint(k) for k in sorted(unknown)]
         raise SpecError(f"{spec_path}: unknown top-level key(s) {', '.join(hints)}; allowed: {list(TOP_LEVEL_KEYS)}")
     name = raw.get("name", spec_path.stem)
     if not isinstance(name, str) or not _LABEL.match(name):

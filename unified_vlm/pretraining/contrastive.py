@@ -51,12 +51,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from unified_vlm.datamodules.streams import WatchStream
-from unified_vlm.datamodules.templates import (
-    CAPTION_BASES,
-    CLAUSES,
-    GENERATION_REQUESTS,
-    postprocess,
-)
+from unified_vlm.datamodules.templates import CAPTION_BASES, CLAUSES, GENERATION_REQUESTS, postprocess
 from unified_vlm.datamodules.watch import WEATHERS
 from unified_vlm.pretraining.common import (
     ThreadTuner,
@@ -416,7 +411,7 @@ def pretrain_contrastive(
                       if max_steps is None else float("nan"))
         if max_steps is None:
             max_steps = steps_for_minutes(minutes, step_s)
-        del probe, probe_data
+        probe = probe_data = None  # free the throughput probe before the real module is built
         L.seed_everything(seed, workers=True)
         module = SigmoidContrastiveModule(image_size=image_size, max_steps=max_steps,
                                           warmup_steps=min(warmup_steps, max_steps // 5), **module_kwargs)

@@ -27,16 +27,24 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from unified_vlm.datamodules.watch import (
-    CORNERS, WEATHERS, battery_outline_box, face_geometry, hand_angles, hand_tips, hand_width, render_watch,
-    sample_watch, weather_icon_box,
+    CORNERS,
+    WEATHERS,
+    battery_outline_box,
+    face_geometry,
+    hand_angles,
+    hand_tips,
+    hand_width,
+    render_watch,
+    sample_watch,
+    weather_icon_box,
 )
 from unified_vlm.pretraining.common import (
     ThreadTuner,

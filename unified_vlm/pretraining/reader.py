@@ -26,9 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from unified_vlm.datamodules.watch import (
-    BACKGROUND, CORNERS, face_geometry, render_watch, sample_watch,
-)
+from unified_vlm.datamodules.watch import BACKGROUND, CORNERS, face_geometry, render_watch, sample_watch
 from unified_vlm.evaluation.reader import CORNER_CLASSES, WatchReader, WatchReaderConfig, hand_columns, reader_accuracy
 
 log = logging.getLogger(__name__)

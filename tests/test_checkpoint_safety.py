@@ -1,4 +1,4 @@
-"""Resume, crash and NaN safety of checkpoints (issue 12, defects 3, 4 and 5), through the CLI."""
+"""Resume, crash and NaN safety of checkpoints, through the CLI."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,11 +58,11 @@ def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, 
     main(config(tmp_path, tiny_vq_dir, "straight"))
     straight = weights(tmp_path / "straight" / "version_0" / "checkpoints" / "last.ckpt")
 
-    crash = {"class_path": "test_defects_checkpoints.CrashAtStep", "init_args": {"step": 2}}
+    crash = {"class_path": "test_checkpoint_safety.CrashAtStep", "init_args": {"step": 2}}
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(config(tmp_path, tiny_vq_dir, "killed", callbacks=[crash]))
     last = tmp_path / "killed" / "version_0" / "checkpoints" / "last.ckpt"
-    assert last.is_file(), "the step-2 validation left no last.ckpt"  # defect 4
+    assert last.is_file(), "the step-2 validation left no last.ckpt"  # saved at validation, not only at the end
     assert not list(last.parent.glob("*.part"))  # written beside and renamed into place
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["global_step"] == 2 and saved["UnifiedDataModule"]["records_consumed"] == 8
@@ -75,7 +75,7 @@ def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, 
 
 
 def test_a_nan_loss_stops_naming_the_step_and_terms_and_keeps_the_good_checkpoint(tmp_path, tiny_vq_dir):
-    poison = {"class_path": "test_defects_checkpoints.PoisonAtStep", "init_args": {"step": 2}}
+    poison = {"class_path": "test_checkpoint_safety.PoisonAtStep", "init_args": {"step": 2}}
     with pytest.raises(NonFiniteLossError, match=r"step 3: loss=nan, text_loss=nan, image_loss="):
         main(config(tmp_path, tiny_vq_dir, "nan", callbacks=[poison]))
     last = tmp_path / "nan" / "version_0" / "checkpoints" / "last.ckpt"
@@ -94,7 +94,7 @@ def test_a_huge_learning_rate_stops_instead_of_saving_garbage(tmp_path, tiny_vq_
 
 
 def test_skip_drops_non_finite_batches_and_the_run_finishes(tmp_path, tiny_vq_dir):
-    poison = {"class_path": "test_defects_checkpoints.PoisonOnce", "init_args": {"step": 1}}
+    poison = {"class_path": "test_checkpoint_safety.PoisonOnce", "init_args": {"step": 1}}
     with pytest.warns(UserWarning, match=r"non-finite training loss at step 2: .*skipping this batch"):
         main(config(tmp_path, tiny_vq_dir, "skip", callbacks=[poison]) + ["--nonfinite.action", "skip"])
     state = weights(tmp_path / "skip" / "version_0" / "checkpoints" / "last.ckpt")

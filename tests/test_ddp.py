@@ -1,4 +1,4 @@
-"""DDP the way users launch it (issue 12, defects 1 and 2): the CLI with ``strategy: ddp``, and a
+"""DDP the way users launch it: the CLI with ``strategy: ddp``, and a
 task mix that stays the one-process mix when two ranks share it."""
 from __future__ import annotations
 

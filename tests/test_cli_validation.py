@@ -1,5 +1,5 @@
-"""Command-line defects of issue 12 (6, 7 and 8): options that were dropped, bad input accepted or
-reported without naming the file, precision that did not fit the machine."""
+"""Command-line checks: command-line options reach the model (over a checkpoint's), bad input is refused
+naming the file or key, and the precision fits the machine."""
 from __future__ import annotations
 
 import dataclasses

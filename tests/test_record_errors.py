@@ -1,4 +1,4 @@
-"""Record files that break (issue 12, defect 8): errors name the file and line, images can be
+"""Record files that break: errors name the file and line, images can be
 checked up front, over-long records are reported when the file loads; the regression head's loss
 is selectable."""
 from __future__ import annotations
