@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_defects_cli import shrink
 
 from test_cli import CONFIG_DIR
-from test_defects_cli import shrink
 from unified_vlm.cli import config_paths, main
 
 

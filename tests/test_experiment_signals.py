@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import yaml
+from test_signals import ROOT, environment
 
 from test_cli import MAIN_CONFIG, tiny_overrides
-from test_signals import ROOT, environment
 from unified_vlm.experiments import results
 from unified_vlm.experiments.runner import INTERRUPTED
 

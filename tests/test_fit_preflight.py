@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-
 from test_defects_cli import shrink
+
 from unified_vlm.cli import main
 
 

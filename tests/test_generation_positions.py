@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from unified_vlm.datamodules.collate import ConversationCollator
-
 from unified_vlm.models.unified import UnifiedVLM
 
 

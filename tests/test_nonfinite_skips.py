@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-
 from test_defects_checkpoints import config
+
 from unified_vlm.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from unified_vlm.cli import main
 

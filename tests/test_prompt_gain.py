@@ -6,9 +6,8 @@ import random
 import pytest
 import torch
 
-from unified_vlm.datamodules.collate import ConversationCollator
-
 from unified_vlm.datamodules import templates
+from unified_vlm.datamodules.collate import ConversationCollator
 from unified_vlm.datamodules.watch import sample_watch
 from unified_vlm.evaluation.captions import ATTRIBUTES, parse_text
 from unified_vlm.evaluation.prompt_gain import counterfactual_prompt, image_token_losses, prompt_gain, with_prompt

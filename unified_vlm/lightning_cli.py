@@ -10,14 +10,7 @@ import lightning as L
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from unified_vlm.callbacks import (
-    EvaluationReport,
-    GenerationProbe,
-    NonFiniteLossGuard,
-    PredictionWriter,
-    RunCheckpoint,
-    VQAProbe,
-)
+from unified_vlm.callbacks import EvaluationReport, GenerationProbe, NonFiniteLossGuard, PredictionWriter, RunCheckpoint, VQAProbe
 from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
 from unified_vlm.models.unified import UnifiedVLM
 from unified_vlm.precision import resolve_precision

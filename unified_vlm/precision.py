@@ -1,7 +1,7 @@
 """``precision: auto``: the training precision this machine runs fast.
 
 bf16 is only fast where the hardware computes it natively: on an AVX2-only CPU a bf16 matmul runs
-about 100x slower than fp32 (MACHINE.md), so a hard-coded ``bf16-mixed`` turns a 20-minute job
+about 100x slower than fp32 (docs/machines.md), so a hard-coded ``bf16-mixed`` turns a 20-minute job
 into hours there. ``auto`` picks ``bf16-mixed`` on a CUDA device with bf16 support or on a CPU
 with native bf16 instructions (AVX512_BF16 or AMX), else ``32-true``. An explicit precision wins.
 """

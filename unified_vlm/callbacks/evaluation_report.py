@@ -88,7 +88,7 @@ class EvaluationReport(L.Callback):
     """Collects ``test_step`` outputs; at the end of testing scores both directions and writes them
     into ``test_scores.json`` in the run directory:
 
-    - ``summary``: every VQA turn and the first turns (PAPER.md 4.2), printed as a table;
+    - ``summary``: every VQA turn and the first turns (docs/paper.md 4.2), printed as a table;
     - ``generation``: faithfulness of the generated watches to what their prompts state, read by
       the watch reader (``reader``: ``builtin`` or a ``train-reader`` directory), and the Fréchet
       distance on the reader's features against ``fd_reference`` held-out renders, with a
@@ -189,7 +189,7 @@ class EvaluationReport(L.Callback):
                    **{k: v for k, v in self.summary.items() if k not in ("all_turns", "first_turn")},
                    "results": [asdict(r) for r in scorer.results]}
         write_json_atomically(directory / self.scores_file, payload)
-        print("\nVQA scores on the test split (PAPER.md 4.2 rules)\n" + scorer.format_table())
+        print("\nVQA scores on the test split (docs/paper.md 4.2 rules)\n" + scorer.format_table())
         if "generation" in self.summary:
             print(format_generation(self.summary["generation"]))
         if "captions" in self.summary:
@@ -220,7 +220,7 @@ def split_style(trainer, split: str):
 
 
 def renderer_name(pl_module) -> str:
-    """What made the pixels: the VQ decoder, or the feature space's renderer (PAPER.md 7.2)."""
+    """What made the pixels: the VQ decoder, or the feature space's renderer (docs/paper.md 7.2)."""
     output = dict(getattr(pl_module, "hparams", {}).get("image_output") or {})
     if output.get("space", "vq") == "vq":
         return "vq_decoder"

@@ -1,8 +1,8 @@
 """Stop (or skip the batch) on a NaN or infinite training loss, instead of training on garbage."""
 from __future__ import annotations
 
-import torch
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 ACTIONS = ("stop", "skip")

@@ -1,15 +1,15 @@
 """Answer accuracy during training: the validation loss alone does not show when an attribute is learned.
 
 At the end of every validation run, the model answers every turn of (up to ``max_records``) VQA
-records of the validation split, the answers are scored with the test rules (PAPER.md 4.2),
+records of the validation split, the answers are scored with the test rules (docs/paper.md 4.2),
 and ``val/vqa/<attribute>`` (plus ``val/vqa/total``) are logged, so the CSV/TensorBoard logs
 show each attribute's learning curve. Disabled with ``--vqa_probe.max_records 0``.
 """
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from unified_vlm.callbacks.evaluation_report import gather_objects, validation_records
 from unified_vlm.evaluation.record_tasks import answer_vqa

@@ -31,6 +31,7 @@ from typing import Iterable
 from unified_vlm.datamodules.streams import WatchStream
 from unified_vlm.datamodules.variants import DataVariant, VariantError
 
+
 class StaleFilesWarning(UserWarning):
     """The output folder holds files this run did not write (left from an earlier run)."""
 
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m unified_vlm data",
         description=(
-            "Render the synthetic smart-watch dataset (PAPER.md section 1) to OUT: images/<index>.png and "
+            "Render the synthetic smart-watch dataset (docs/paper.md section 1) to OUT: images/<index>.png and "
             "<split>.jsonl (or .json), three records (generation, vqa, caption) per watch. The output is "
             "deterministic in (seed, split, index) and identical to what the streamed dataset yields."
         ),

@@ -1,4 +1,4 @@
-"""Text templates and the three task records per watch (PAPER.md sections 1.2 and 1.3).
+"""Text templates and the three task records per watch (docs/paper.md sections 1.2 and 1.3).
 
 Each record draws its text from its own RNG keyed by ``(*rng_seed_key, task)``, so keeping only
 some tasks never changes the text of the others, and the generation prompt and the caption of

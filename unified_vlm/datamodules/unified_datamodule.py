@@ -31,7 +31,7 @@ MODES = {
     "understanding": ("vqa", "caption"),
     "generation": ("generation",),
 }
-TEST_TASKS = ("generation", "vqa", "caption")  # captions are scored too (never by the paper, PAPER.md 4.2)
+TEST_TASKS = ("generation", "vqa", "caption")  # captions are scored too (never by the paper, docs/paper.md 4.2)
 
 
 def pil_to_tensor(image) -> torch.Tensor:
@@ -324,7 +324,7 @@ class UnifiedDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", None) and "val" not in self.datasets:
             self.datasets["val"] = self._dataset("val", h.val_records, h.num_val_watches, tasks)
         if stage in ("test", "predict", None):
-            # test_mode: a model trained on one task can still be scored on all (staged training, PAPER.md 5.4)
+            # test_mode: a model trained on one task can still be scored on all (staged training, docs/paper.md 5.4)
             test_tasks = tuple(t for t in TEST_TASKS if t in MODES[h.test_mode or self.mode])
             self.datasets["test"] = self._dataset("test", h.test_records, h.num_test_watches, test_tasks)
         if stage == "predict" and h.predict_prompts is not None:

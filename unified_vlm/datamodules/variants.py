@@ -1,4 +1,4 @@
-"""Dataset variants of the paper's experiments (PAPER.md 1.5, 3.4, 5.3, 5.4), as one typed spec.
+"""Dataset variants of the paper's experiments (docs/paper.md 1.5, 3.4, 5.3, 5.4), as one typed spec.
 
 ``DataVariant`` is what ``data.variant`` of the LightningCLI config and ``--variant`` of
 ``python -m unified_vlm data`` hold. Every part is optional and the empty spec is the standard

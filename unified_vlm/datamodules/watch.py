@@ -1,4 +1,4 @@
-"""The synthetic "smart watch" of the paper (PAPER.md section 1.1): attributes, sampling, rendering.
+"""The synthetic "smart watch" of the paper (docs/paper.md section 1.1): attributes, sampling, rendering.
 
 Every watch is a pure function of ``(seed, split, index)``: its attributes come from an RNG
 seeded by a SHA-256 hash of ``f"{seed}/{split}/{index}"``, so watch 42 of the train split is the
@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 WEATHERS = ("sunny", "cloudy", "raining")
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
-LAYOUTS = ("random", "weather_tl")  # weather_tl: the weather icon always top-left (PAPER.md 1.5, for the probe)
+LAYOUTS = ("random", "weather_tl")  # weather_tl: the weather icon always top-left (docs/paper.md 1.5, for the probe)
 
 REFERENCE_SIZE = 224  # the paper's canvas; all pixel constants below are at this size
 CORNER_ANCHORS_224 = {"top-left": (10, 10), "top-right": (174, 10), "bottom-left": (10, 194), "bottom-right": (174, 194)}

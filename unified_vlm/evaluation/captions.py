@@ -1,6 +1,6 @@
 """Which watch attributes a caption (or a generation prompt) states, and whether each is right.
 
-Captions and generation prompts come from one builder (PAPER.md 1.3; ``datamodules/templates.py``):
+Captions and generation prompts come from one builder (docs/paper.md 1.3; ``datamodules/templates.py``):
 a base sentence, then ", <clause>" per stated attribute, lower-cased after the first letter.
 The parser reads the values those clauses carry, and is lenient enough for model output
 (any case, extra words, clauses in another order). Parsing rules:
@@ -17,7 +17,7 @@ The parser reads the values those clauses carry, and is lenient enough for model
 - An attribute stated with two different values (e.g. "sunny" and "raining") is **conflicting**:
   it counts as stated and scores 0.
 
-Scores use the VQA rules (PAPER.md 4.2, ``unified_vlm.evaluation.vqa``): time circular score,
+Scores use the VQA rules (docs/paper.md 4.2, ``unified_vlm.evaluation.vqa``): time circular score,
 battery 1 - error/100, weather and corners exact.
 """
 from __future__ import annotations

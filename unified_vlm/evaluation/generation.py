@@ -3,7 +3,7 @@ distribution of generated watches to real renders?
 
 - **Faithfulness** (``GenerationScorer``, ``score_generation``): the watch reader reads each
   generated picture; every attribute the prompt states (time always, the others about half the
-  time, PAPER.md 1.3) is scored against the reading with the VQA rules (time circular score,
+  time, docs/paper.md 1.3) is scored against the reading with the VQA rules (time circular score,
   battery 1 - error/100, weather and corners exact). Reported per attribute, micro-averaged
   over all (image, stated attribute) pairs, and the share of pictures the reader accepts as
   watches. Attributes a prompt does not state are not scored: the generator may draw anything.

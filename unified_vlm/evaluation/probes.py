@@ -1,4 +1,4 @@
-"""Probes of the understanding adapter (PAPER.md 4.4): is an attribute linearly readable from the
+"""Probes of the understanding adapter (docs/paper.md 4.4): is an attribute linearly readable from the
 vectors the language model receives for one image token, before any LM layer?
 
 The paper's "transfer happens inside the LLM" argument rests on this: if an understanding-only
@@ -137,7 +137,7 @@ def linear_probe(
 ) -> ProbeResult:
     """Train Linear(D -> classes) on standardised features, report train and held-out accuracy.
 
-    The probe, the standardisation, the seed and the split share follow the paper (PAPER.md 4.4:
+    The probe, the standardisation, the seed and the split share follow the paper (docs/paper.md 4.4:
     seed 42, 4,500 / 1,085 samples, about 0.2 held out). ``method``: ``lbfgs`` (default) fits the
     same L2-regularised (``weight_decay``) cross-entropy with full-batch L-BFGS in ``max_iter``
     iterations, a fraction of the time of ``sgd``, the paper's exact recipe (SGD lr 0.01, momentum
@@ -212,7 +212,7 @@ def linear_probe(
 # ---------------------------------------------------------------------------------- t-SNE
 def tsne_embedding(features: Tensor | np.ndarray, seed: int = 42, perplexity: float = 30.0, pca_dims: int = 50,
                    learning_rate: float = 200.0, max_iter: int = 1000) -> np.ndarray:
-    """(N, 2) t-SNE of standardised features after PCA, the paper's settings (PAPER.md 4.4).
+    """(N, 2) t-SNE of standardised features after PCA, the paper's settings (docs/paper.md 4.4).
 
     Perplexity is capped below N / 3 so that small sets still embed.
     """
@@ -290,7 +290,7 @@ def load_run(config: str, ckpt_path: str, data_overrides: Optional[dict[str, Any
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m unified_vlm probe",
-        description="Linear probe and t-SNE of one image token's adapter outputs, labelled by a watch attribute (PAPER.md 4.4).",
+        description="Linear probe and t-SNE of one image token's adapter outputs, labelled by a watch attribute (docs/paper.md 4.4).",
     )
     p.add_argument("--config", required=True, help="the run's config.yaml (its data section picks the watches)")
     p.add_argument("--ckpt_path", required=True, help="model checkpoint (e.g. RUN/checkpoints/last.ckpt)")

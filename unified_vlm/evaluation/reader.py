@@ -4,7 +4,7 @@ It scores generated watches (does the picture show what the prompt asked?) and g
 features for a Fréchet distance. It is trained only on rendered watches
 (``python -m unified_vlm train-reader``) and shares nothing with the models it judges.
 
-Three branches read boxes of the paper's fixed layout (PAPER.md 1.1), scaled to the input
+Three branches read boxes of the paper's fixed layout (docs/paper.md 1.1), scaled to the input
 size, so 64 px and 224 px pictures are read by the same weights:
 
 - the **hands** branch unrolls the face into polar coordinates (rows: distance from the centre,
@@ -17,7 +17,7 @@ size, so 64 px and 224 px pictures are read by the same weights:
 - the **face** branch sees the face square at ``face_size`` and says whether the picture is a
   watch at all (a face disc with hands);
 - the **corner** branch sees each of the four corner boxes where the paper draws the weather
-  icon and the battery (PAPER.md 1.1), at ``corner_scale`` of the 224 px resolution, and
+  icon and the battery (docs/paper.md 1.1), at ``corner_scale`` of the 224 px resolution, and
   predicts what the corner holds (nothing, sunny, cloudy, raining, battery) and the battery
   percentage (101 classes, read from the fill bar and the digits).
 
@@ -371,7 +371,7 @@ def hand_angles_deg(hands: Tensor) -> Tensor:
 
 
 def decode_time(hands: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(hour 0..11, minute, second) from hand logits, inverting the renderer's angles (PAPER.md 1.1):
+    """(hour 0..11, minute, second) from hand logits, inverting the renderer's angles (docs/paper.md 1.1):
     minute = angle/6, second = angle/6, hour = hour angle/30 minus the minute's share."""
     angles = hand_angles_deg(hands)
     minute = torch.round(angles[:, 1] / 6).long() % 60
@@ -414,7 +414,7 @@ def reader_accuracy(reader: WatchReader, split: str, n: int, size: int, seed: in
 
 def reading_accuracy(readings: Sequence[dict], attrs: Sequence[Any]) -> dict[str, float]:
     """Readings against the true ``WatchAttributes``: weather / corners exact-match rate; time the
-    mean PAPER.md 4.2 time score; battery_mae the mean absolute error in points; is_watch the
+    mean docs/paper.md 4.2 time score; battery_mae the mean absolute error in points; is_watch the
     share read as a watch (probability > 0.5)."""
     from unified_vlm.evaluation.vqa import score_time
 

@@ -1,4 +1,4 @@
-"""Smart-watch VQA scoring, following PAPER.md section 4.2 rule by rule.
+"""Smart-watch VQA scoring, following docs/paper.md section 4.2 rule by rule.
 
 Answers are free text from a generator (e.g. "<s> 07:13:07</s>"), so every scorer searches the
 answer rather than comparing strings. The attribute is decided from the ground truth alone.

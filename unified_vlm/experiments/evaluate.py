@@ -1,6 +1,6 @@
 """``python -m unified_vlm evaluate RUN_DIR``: score every saved checkpoint of a run, one row each.
 
-What the paper did over its checkpoint series (PAPER.md 3.2, 5.1), in one command: each
+What the paper did over its checkpoint series (docs/paper.md 3.2, 5.1), in one command: each
 checkpoint in ``RUN_DIR/checkpoints`` (or only ``last.ckpt``) is tested with the run's own
 ``config.yaml`` (VQA, generation faithfulness and Fréchet distance, captions: the
 ``EvaluationReport``), each into ``RUN_DIR/evaluation/<checkpoint>/test_scores.json``, and the

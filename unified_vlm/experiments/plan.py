@@ -3,7 +3,7 @@
 Each cell's arguments are parsed by the same LightningCLI parser ``python -m unified_vlm fit`` uses
 (nothing is instantiated), so an unknown key, a wrong type or a config that does not parse fails
 here, naming the cell. The regime axis is resolved here too: its step counts come from the cell's
-own resolved config (PAPER.md 3.2, 3.3).
+own resolved config (docs/paper.md 3.2, 3.3).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ standard deviation over its finished seeds, with n, and failed or unfinished cel
 Metrics are whatever numeric fields the cells' ``test_scores.json`` hold (VQA per attribute today;
 new groups such as ``generation`` appear without code changes). Figures (matplotlib):
 
-- ``curves.png``: validation curves of both tasks per regime from ``metrics.csv`` (PAPER.md Fig. 3);
+- ``curves.png``: validation curves of both tasks per regime from ``metrics.csv`` (docs/paper.md Fig. 3);
 - ``<axis>.png`` for each numeric axis (or ``report.lines`` entry): score vs axis value with
   error bars, one line per group of the other axes (distortion strength, Fig. 4; added data, Fig. 5);
 - ``bars.png``: grouped bars of the chosen metrics per group (e.g. knowledge transfer).
@@ -205,7 +205,7 @@ def _curve(cells: list[CellResult], column: str) -> tuple[list[float], list[floa
 
 def curves_figure(experiment: Experiment, path: Path) -> Optional[Path]:
     """Validation curves of both tasks: one row per group of the axes other than regime and seed,
-    one line per regime (PAPER.md Fig. 3); a regime is drawn only on the tasks it trains."""
+    one line per regime (docs/paper.md Fig. 3); a regime is drawn only on the tasks it trains."""
     columns = {**DEFAULT_CURVES, **(experiment.options.get("curves") or {})}
     regime = experiment.axis("regime")
     rows_axes = [a for a in experiment.group_axes if a != regime]
@@ -361,7 +361,7 @@ def write_report(experiment: Experiment) -> Path:
     figures = []
     curve = curves_figure(experiment, directory / "curves.png")
     if curve:
-        figures.append(("Validation curves of both tasks per regime (PAPER.md Fig. 3)", curve))
+        figures.append(("Validation curves of both tasks per regime (docs/paper.md Fig. 3)", curve))
     for spec in line_specs(experiment):
         figure = line_figure(experiment, spec, directory / f"{spec['axis']}.png")
         if figure:

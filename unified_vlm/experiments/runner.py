@@ -300,7 +300,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     failed = sorted(c for c, s in outcome.items() if s != "done")
     print(f"{len(outcome) - len(failed)}/{len(outcome)} cell(s) done" + (f"; not done: {', '.join(failed)}" if failed else ""))
-    print(f"tables and figures: python -m unified_vlm report {shlex.quote(str(spec.path))}" + (f" --out {shlex.quote(str(out_dir))}" if args.out else ""))
+    out_option = f" --out {shlex.quote(str(out_dir))}" if args.out else ""
+    print(f"tables and figures: python -m unified_vlm report {shlex.quote(str(spec.path))}{out_option}")
     return 1 if failed else 0
 
 

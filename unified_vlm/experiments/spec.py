@@ -9,7 +9,7 @@ Axis kinds (``kind:``):
 
 - ``config``: each value names one or more ``fit`` config files that replace ``base``
   (e.g. the architecture: ``{siglip_vq: configs/tiny_siglip_vq.yaml}``).
-- ``regime``: the paper's data regimes (PAPER.md 3.3): ``mixed``, and ``understanding`` /
+- ``regime``: the paper's data regimes (docs/paper.md 3.3): ``mixed``, and ``understanding`` /
   ``generation`` each as ``_epoch`` (the share of the mixed run's steps its records make up: the
   paper's baseline) or ``_step`` (as many optimiser steps as the mixed run).
 - ``seed``: integers passed as ``--seed_everything`` (and to every key in ``keys``); ``report``

@@ -2,7 +2,6 @@
 ``unified_vlm.assets``; training a missing one happens there, before a model is built."""
 from __future__ import annotations
 
-
 from torch import nn
 
 from unified_vlm.assets import BUILTIN, require_builtin

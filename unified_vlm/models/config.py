@@ -81,7 +81,7 @@ class ImageOutputSpec:
     so "the top-left cell" is the same input wherever the prompt ends)."""
     share_projector: Optional[bool] = None
     """Feed generation inputs through the understanding projector. null = share exactly when input
-    and output spaces are aligned (both VQ); the choice is logged at start-up (PAPER.md 7.3)."""
+    and output spaces are aligned (both VQ); the choice is logged at start-up (docs/paper.md 7.3)."""
 
     def __post_init__(self) -> None:
         if self.position_embedding not in ("none", "learned"):
@@ -130,7 +130,7 @@ class SamplingSpec:
 
 @dataclass
 class DistortionSpec:
-    """A fixed affine map y = x A + b on the understanding encoder's features (PAPER.md 5.2 b).
+    """A fixed affine map y = x A + b on the understanding encoder's features (docs/paper.md 5.2 b).
 
     A = Q S: Q orthogonal (QR of a seeded uniform random matrix), S diagonal with factors uniform
     in (1 - strength, 1 + strength]; b uniform in (-strength, strength] when ``translation``, else

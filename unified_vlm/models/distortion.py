@@ -1,4 +1,4 @@
-"""A fixed affine distortion of the understanding-side features (PAPER.md 5.2 b).
+"""A fixed affine distortion of the understanding-side features (docs/paper.md 5.2 b).
 
 The paper's alignment experiment moves the understanding *input* space away from the
 generation *output* space by a known amount: every understanding feature vector x becomes

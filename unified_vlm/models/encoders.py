@@ -339,7 +339,7 @@ class TimmEncoder(VisionEncoder):
 
 @ENCODERS.register("vq_codes")
 class VQCodeEncoder(VisionEncoder):
-    """The paper's VQ input (PAPER.md 2.2): a frozen VQ tokenizer's quantised, l2-normalised code
+    """The paper's VQ input (docs/paper.md 2.2): a frozen VQ tokenizer's quantised, l2-normalised code
     vectors z_q, one token per code in raster order (8-dim for LlamaGen VQ-16).
 
     ``weights``: a VQ tokenizer directory written by ``train-vq`` / ``save_pretrained``, a LlamaGen

@@ -1,7 +1,7 @@
 """Pixels from continuous vision features: the renderers behind :class:`FeatureOutputSpace`.
 
-The paper's SigLIP-output models (SigLIP-SigLIP, VQ-SigLIP; PAPER.md 2.4) regress frozen SigLIP
-features and their code has no way back to pixels (PAPER.md 7.2). Two renderers close that gap,
+The paper's SigLIP-output models (SigLIP-SigLIP, VQ-SigLIP; docs/paper.md 2.4) regress frozen SigLIP
+features and their code has no way back to pixels (docs/paper.md 7.2). Two renderers close that gap,
 both with the interface ``render(features (B, T, D)) -> images (B, 3, S, S) in [0, 1]``:
 
 * :class:`FeatureDecoder`, a small convolutional decoder trained to reconstruct the watch from
@@ -13,7 +13,7 @@ Why the decoder normalises its input (the choice the spec leaves open)
 -----------------------------------------------------------------------
 The LM is trained with ``1 - cosine`` against the target features, which fixes each token's
 *direction* and leaves its *length* free; at inference the regressed vectors are fed back and
-handed over as they are (PAPER.md 2.5). A decoder trained on raw features would see tokens of an
+handed over as they are (docs/paper.md 2.5). A decoder trained on raw features would see tokens of an
 arbitrary length that it has never seen, and its output would depend on a quantity the LM was
 never asked to get right. So every token is l2-normalised and rescaled to ``sqrt(D)`` (unit RMS
 per entry) before anything else: ``decode(c * f) == decode(f)`` for any per-token ``c > 0``,
@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 

@@ -1,4 +1,4 @@
-"""Output heads that read the LM's hidden states at image slots (PAPER.md 2.3 and 3.1).
+"""Output heads that read the LM's hidden states at image slots (docs/paper.md 2.3 and 3.1).
 
 A head turns hidden states into a prediction of the next image token and knows its own loss,
 so the model's training step and its sampler never branch on the head type.

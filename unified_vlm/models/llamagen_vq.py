@@ -1,4 +1,4 @@
-"""LlamaGen's VQ-16 image tokenizer (PAPER.md 2.2: ``vq_ds16_c2i.pt``), loadable from a local file.
+"""LlamaGen's VQ-16 image tokenizer (docs/paper.md 2.2: ``vq_ds16_c2i.pt``), loadable from a local file.
 
 A re-implementation of ``VQModel`` from LlamaGen's ``tokenizer/tokenizer_image/vq_model.py``
 (FoundationVision/LlamaGen) with the same module tree, so its checkpoints load with

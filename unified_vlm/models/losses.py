@@ -1,4 +1,4 @@
-"""The unified model's two losses (PAPER.md 3.1): next-token text cross-entropy and the image
+"""The unified model's two losses (docs/paper.md 3.1): next-token text cross-entropy and the image
 loss of the output head at the generation slots; and the zero-weight terms that keep the parts a
 batch did not use in the graph."""
 from __future__ import annotations

@@ -12,7 +12,7 @@ from torch import nn
 
 
 class VQOutputSpace(nn.Module):
-    """Discrete VQ codes (PAPER.md 2.2): targets are code indices, inputs the l2-normalised
+    """Discrete VQ codes (docs/paper.md 2.2): targets are code indices, inputs the l2-normalised
     low-dimensional code vectors z_q, decoding through the VQ decoder. Always frozen."""
 
     discrete = True
@@ -51,11 +51,11 @@ class VQOutputSpace(nn.Module):
 
 
 class FeatureOutputSpace(nn.Module):
-    """Continuous features of a frozen vision encoder (PAPER.md 2.4: SigLIP-SigLIP, VQ-SigLIP).
+    """Continuous features of a frozen vision encoder (docs/paper.md 2.4: SigLIP-SigLIP, VQ-SigLIP).
 
     Targets are the encoder's features (B, T, D), regressed by the ``feature_regression`` head;
     ``target_size`` is D. ``input_features`` hands the targets over unchanged, both the ground
-    truth at training time and the model's own regressions at inference. PAPER.md 2.5 feeds the
+    truth at training time and the model's own regressions at inference. docs/paper.md 2.5 feeds the
     regressed vector back un-normalised even though the cosine loss fixes only its direction, so
     its length drifts freely; we keep that (it is the paper's protocol) and make the pixel side
     insensitive to it instead: :class:`~unified_vlm.models.feature_decoder.FeatureDecoder`
@@ -110,7 +110,7 @@ class FeatureOutputSpace(nn.Module):
         return self.encoder(images.float()).float()
 
     def input_features(self, targets: torch.Tensor) -> torch.Tensor:
-        """Targets as they are: no renormalisation (PAPER.md 2.5; see the class docstring)."""
+        """Targets as they are: no renormalisation (docs/paper.md 2.5; see the class docstring)."""
         return targets
 
     @torch.no_grad()
@@ -135,10 +135,7 @@ def build_feature_output_space(encoder: nn.Module, renderer: str, image_size: in
       over train watches 0..N-1 of ``seed``, rendered at ``image_size`` (default: the encoder's
       input size), built now (about N encoder forwards).
     """
-    from unified_vlm.models.feature_decoder import (
-        FeatureDecoder,
-        NearestNeighbourRenderer,
-    )
+    from unified_vlm.models.feature_decoder import FeatureDecoder, NearestNeighbourRenderer
 
     if not isinstance(renderer, str) or not renderer:
         raise ValueError(f"renderer must be a decoder directory or 'retrieval:N', got {renderer!r}")

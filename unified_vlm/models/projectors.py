@@ -1,4 +1,4 @@
-"""Modality projectors: image features -> language-model embedding space (PAPER.md 2.3)."""
+"""Modality projectors: image features -> language-model embedding space (docs/paper.md 2.3)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Staged training: start from another run's weights and freeze named parts (PAPER.md 5.4, 6).
+"""Staged training: start from another run's weights and freeze named parts (docs/paper.md 5.4, 6).
 
 The paper argues that generation training helps understanding "inside the LLM" from a probe of
 the adapters. The causal version trains understanding-only first, then continues on generation

@@ -4,7 +4,7 @@ Understanding: encoder tokens -> understanding projector -> spliced into the LM'
 embeddings at IMAGE_PAD slots. Generation: ground-truth image tokens (VQ codes) are
 teacher-forced through the generation projector at GEN_PAD slots, and an output head reads the
 hidden state *before* each slot to predict that slot's token. Loss = text CE + alpha * image
-loss (PAPER.md 2.5 and 3.1).
+loss (docs/paper.md 2.5 and 3.1).
 
 This module composes the parts and computes the loss. Beside it: ``losses`` (the two losses),
 ``generation`` (the decoding loop and samplers behind ``generate``), ``feature_norm``,
@@ -32,11 +32,6 @@ from unified_vlm.models.builders import (
     check_head_fits_space,
     projector_sharing,
 )
-from unified_vlm.models.distortion import build_distortion
-from unified_vlm.models.feature_norm import build_feature_norm
-from unified_vlm.models.generation import Generated
-from unified_vlm.models.projectors import TokenSlotEmbedding
-from unified_vlm.models.schedules import warmup_cosine_over
 from unified_vlm.models.config import (
     BackboneSpec,
     DistortionSpec,
@@ -47,6 +42,11 @@ from unified_vlm.models.config import (
     coerce,
     to_primitive,
 )
+from unified_vlm.models.distortion import build_distortion
+from unified_vlm.models.feature_norm import build_feature_norm
+from unified_vlm.models.generation import Generated
+from unified_vlm.models.projectors import TokenSlotEmbedding
+from unified_vlm.models.schedules import warmup_cosine_over
 from unified_vlm.registry import BACKBONES, HEADS, PROJECTORS
 from unified_vlm.text_tokenizer import special_token_ids, tokenizer_from_json, tokenizer_to_json
 
@@ -73,7 +73,7 @@ class UnifiedVLM(L.LightningModule):
         und_token_embedding: add a learned vector per image-token slot after the projector
             (``TokenSlotEmbedding``), so the LM can tell which patch token it attends to.
         und_distortion: a fixed affine map of the understanding encoder's features (DistortionSpec:
-            strength, seed, translation; PAPER.md 5.2 b); null = none. Generation is untouched.
+            strength, seed, translation; docs/paper.md 5.2 b); null = none. Generation is untouched.
         init_from: start ``fit`` from the model weights of this checkpoint (not its optimizer or
             step); loaded at fit start unless the fit resumes from its own checkpoint.
         freeze: modules that get no gradient and stay in eval mode: und_projector, gen_projector,

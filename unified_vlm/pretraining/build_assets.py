@@ -3,7 +3,7 @@
     python -m unified_vlm build-assets --encoder-minutes 10 --vq-minutes 10
 
 writes ``watch_tokenizer/`` (text tokenizer, seconds), ``watch_encoder/`` (supervised
-attribute-pretrained SigLIP, PAPER.md 2.2's frozen tower in miniature) and ``watch_vq/`` (the
+attribute-pretrained SigLIP, docs/paper.md 2.2's frozen tower in miniature) and ``watch_vq/`` (the
 64 px VQ tokenizer) into ``unified_vlm/assets``. :func:`ensure_builtin` builds one missing part the
 same way into ``$UNIFIED_VLM_CACHE``: this is the one place that trains a missing built-in weight,
 and the commands that build a model from a config call :func:`prepare_builtin_assets` before the

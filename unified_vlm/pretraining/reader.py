@@ -252,7 +252,7 @@ def losses(reader: WatchReader, batch: dict[str, Tensor], images: Tensor) -> tup
 
 
 def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively: without it a bf16 matmul ran 100x slower than fp32 (MACHINE.md)."""
+    """Whether this CPU computes bf16 natively: without it a bf16 matmul ran 100x slower than fp32 (docs/machines.md)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
