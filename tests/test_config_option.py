@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_defects_cli import shrink
+from test_cli_validation import shrink
 
 from test_cli import CONFIG_DIR
 from unified_vlm.cli import config_paths, main

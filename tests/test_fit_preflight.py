@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from test_defects_cli import shrink
+from test_cli_validation import shrink
 
 from unified_vlm.cli import main
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-from test_defects_checkpoints import config
+from test_checkpoint_safety import config
 
 from unified_vlm.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from unified_vlm.cli import main
@@ -33,7 +33,7 @@ def test_skipping_most_batches_stops_the_run(tmp_path, tiny_vq_dir):
 
 
 def test_the_skipped_count_is_reported_at_the_end(tmp_path, tiny_vq_dir):
-    poison = {"class_path": "test_defects_checkpoints.PoisonOnce", "init_args": {"step": 1}}
+    poison = {"class_path": "test_checkpoint_safety.PoisonOnce", "init_args": {"step": 1}}
     with pytest.warns(UserWarning, match=r"1 of 4 training batches had a non-finite loss and were skipped"):
         main(config(tmp_path, tiny_vq_dir, "one", callbacks=[poison]) + ["--nonfinite.action", "skip"])
 
