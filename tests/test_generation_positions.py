@@ -71,3 +71,23 @@ def test_slot_vectors_learn_and_stay_in_the_graph_without_images(model, watch_re
         assert grad is not None  # DDP needs every trainable parameter in the graph
         assert bool(grad.abs().sum() > 0) == learns
     assert any(p is model.gen_token_embedding.weight for p in model.adapter_parameters())
+
+
+def test_guidance_without_prompt_dropout_warns(tiny_model_kwargs, watch_records, caplog):
+    """A guidance scale on a model that never saw the unconditional prompt warns at build and when drawing."""
+    record = next(r for r in watch_records if r["task"] == "generation")
+    with caplog.at_level("WARNING"):
+        model = UnifiedVLM(**dict(tiny_model_kwargs, sampling={"cfg_scale": 3.0})).eval()
+    assert "nothing to work with" in caplog.text
+    caplog.clear()
+    prompt = model.chat_format.encode_prompt(record["conversations"], 0)
+    uncond = model.chat_format.unconditional_prompt()
+    with caplog.at_level("WARNING"):
+        model.generate([prompt], image_policy="force", uncond_prompts=[uncond], max_new_tokens=2)
+    assert "guidance has nothing to work with" in caplog.text
+    caplog.clear()
+    trained = dict(tiny_model_kwargs["image_output"], prompt_dropout=0.1)
+    with caplog.at_level("WARNING"):
+        guided = UnifiedVLM(**dict(tiny_model_kwargs, image_output=trained, sampling={"cfg_scale": 3.0})).eval()
+        guided.generate([prompt], image_policy="force", uncond_prompts=[uncond], max_new_tokens=2)
+    assert "nothing to work with" not in caplog.text

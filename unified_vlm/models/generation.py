@@ -6,11 +6,24 @@ KV cache and classifier-free guidance, and the samplers it draws tokens with.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from transformers import DynamicCache
+
+log = logging.getLogger(__name__)
+
+
+def warn_unguidable(model, cfg_scale: float) -> None:
+    """Warn (once per model) that guidance has nothing to work with: a model trained with
+    ``image_output.prompt_dropout`` 0 never saw the unconditional prompt, so its unconditional
+    prediction is arbitrary and ``u + s * (c - u)`` does not push towards the prompt."""
+    if getattr(model, "prompt_dropout", None) == 0 and not getattr(model, "_warned_unguidable", False):
+        log.warning("cfg_scale %g with a model trained with image_output.prompt_dropout 0: it never saw the "
+                    "unconditional prompt, so guidance has nothing to work with (train with prompt_dropout 0.1)", cfg_scale)
+        model._warned_unguidable = True
 
 TEXT, IMAGE, DONE = 0, 1, 2
 
@@ -108,6 +121,7 @@ def generate(
     cfg_scale = s.cfg_scale if cfg_scale is None else cfg_scale
     guided = cfg_scale != 1.0
     if guided:
+        warn_unguidable(model, cfg_scale)
         if uncond_prompts is None or len(uncond_prompts) != len(prompts):
             raise ValueError("cfg_scale != 1 needs one unconditional prompt per prompt (uncond_prompts)")
         if und_images is not None and any(im is not None for im in und_images):

@@ -166,6 +166,9 @@ class UnifiedVLM(L.LightningModule):
             self.head = HEADS.create(image_output.head, hidden_size=hidden, feature_dim=self.output_space.feature_dim, **head_options)
         self.alpha = image_output.loss_weight
         self.prompt_dropout = check_prompt_dropout(image_output.prompt_dropout)  # applied by the data's collator
+        if sampling.cfg_scale != 1.0 and self.prompt_dropout == 0:
+            log.warning("sampling.cfg_scale %g with image_output.prompt_dropout 0: guidance needs a model trained "
+                        "on emptied prompts, so it has nothing to work with here", sampling.cfg_scale)
         self.chat_format = ChatFormat(self.tokenizer, self.encoder.num_tokens, self.output_space.num_tokens, max_length)
         self.record_tasks: Optional[Callable[["UnifiedVLM", list[dict]], dict]] = None
         self.init_from = init_from
