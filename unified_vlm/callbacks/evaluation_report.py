@@ -57,8 +57,10 @@ def local_prompt_gain(pl_module, records: list[dict]) -> dict:
 
 def pooled_prompt_gain(parts: list[dict]) -> dict[str, float]:
     """Every rank's ``local_prompt_gain`` averaged, weighted by the records each one scored."""
+    from unified_vlm.evaluation.captions import ATTRIBUTES
+
     pooled: dict[str, float] = {}
-    for key in ("prompt_gain", *(f"prompt_gain/{a}" for a in ("time", "weather", "battery", "weather_pos", "battery_pos"))):
+    for key in ("prompt_gain", *(f"prompt_gain/{a}" for a in ATTRIBUTES)):
         attribute = key.partition("/")[2]
         weighted = [(p["scalars"][key], p["counts"].get(attribute, 0) if attribute else p["n"])
                     for p in parts if p and key in p["scalars"]]

@@ -22,14 +22,13 @@ features), averaged over image tokens.
 from __future__ import annotations
 
 import random
-import re
 from typing import Any, Optional, Sequence
 
 import torch
 
 from unified_vlm.datamodules.collate import ConversationCollator
 from unified_vlm.datamodules.watch import CORNERS, WEATHERS
-from unified_vlm.evaluation.captions import _BATTERY_RE, _CORNER_RE, _SUBJECT_RE, _TIME_RE, ATTRIBUTES
+from unified_vlm.evaluation.captions import _BATTERY_RE, _CORNER_RE, _SUBJECT_RE, _TIME_RE, _WEATHER_RE, ATTRIBUTES
 
 
 def counterfactual_prompt(prompt: str, attribute: str, rng: random.Random) -> Optional[str]:
@@ -42,8 +41,7 @@ def counterfactual_prompt(prompt: str, attribute: str, rng: random.Random) -> Op
         new = f"{(h + 5) % 12 + 1:02d}:{(m + 30) % 60:02d}:{(s + 30) % 60:02d}"  # 6 h later on a 1..12 dial
         return prompt[: match.start()] + new + prompt[match.end():]
     if attribute == "weather":
-        words = re.compile(r"\b(" + "|".join(WEATHERS) + r")\b")
-        match = words.search(prompt)
+        match = _WEATHER_RE.search(prompt)
         if match is None:
             return None
         new = rng.choice([w for w in WEATHERS if w != match.group(1)])
