@@ -16,8 +16,14 @@ and every ``--every`` steps prints, on ``--val-watches`` validation watches:
   the watch reader (``unified_vlm.evaluation.generation``), at each ``--cfg`` guidance scale,
   and the share read as watches.
 
-``--vqa-share F`` mixes that share of the paper's VQA records into the batches (one-task batches
-as in the main job). ``--out DIR`` writes the curves (``curves.jsonl``) and, at the end, the
+``--vqa-share F`` mixes that share of VQA batches into the training (one-task batches as in the
+main job; ``--vqa-questions`` picks their mix, as ``benchmarks/position_binding.py``'s
+``--questions``), and then every evaluation also prints the teacher-forced exact match of one-turn
+answers of the validation watches per question kind.
+
+A curriculum: ``--curriculum-steps K`` trains the first K steps on ``--curriculum-attributes``
+prompts and ``--curriculum-questions`` VQA (defaults: all attributes stated, position questions
+only), with ``--curriculum-vqa-share`` of VQA batches, then switches to the options above. ``--out DIR`` writes the curves (``curves.jsonl``) and, at the end, the
 per-slot loss and prompt-gain maps (``slot_maps.png``): where in the token grid the image loss
 sits and where the prompt explains part of it. Prints numbers; asserts nothing.
 
@@ -51,6 +57,10 @@ from unified_vlm.evaluation.prompt_gain import prompt_gain
 from unified_vlm.evaluation.reader import load_reader
 from unified_vlm.evaluation.record_tasks import generate_images
 from unified_vlm.models.unified import UnifiedVLM
+from unified_vlm.tokens import IGNORE_INDEX, IMAGE_MARKER
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from position_binding import MIXES, conversation  # noqa: E402  (the question mixes of the position study)
 
 
 def parse_attributes(text: str) -> tuple[str, ...] | str:
@@ -84,9 +94,35 @@ def generation_record(chosen, split: str, index: int, rng: random.Random, size: 
             "image": render_watch(attrs, size), "attributes": attrs.to_dict()}
 
 
-def vqa_record(split: str, index: int, rng: random.Random, size: int, seed: int) -> dict:
+def vqa_record(mix: str, split: str, index: int, rng: random.Random, size: int, seed: int) -> dict:
     attrs = sample_watch(seed, split, index)
-    return {"task": "vqa", "conversations": templates.vqa_conversation(attrs, rng), "image": render_watch(attrs, size)}
+    return {"task": "vqa", "conversations": conversation(mix, attrs, rng), "image": render_watch(attrs, size)}
+
+
+def vqa_probe_records(count: int, size: int, seed: int) -> dict[str, list[dict]]:
+    """One single-turn question of each kind per validation watch, with the paper's templates."""
+    probes: dict[str, list[dict]] = {kind: [] for kind in templates.QUESTIONS}
+    for i in range(count):
+        attrs, rng = sample_watch(seed, "val", i), random.Random(i)
+        image = render_watch(attrs, size)
+        for kind, questions in templates.QUESTIONS.items():
+            turns = [{"from": "human", "value": f"{IMAGE_MARKER}\n{rng.choice(questions)}"},
+                     {"from": "gpt", "value": templates.answer(attrs, kind)}]
+            probes[kind].append({"task": "vqa", "conversations": turns, "image": image})
+    return probes
+
+
+def exact_match(model, batches: list[dict]) -> float:
+    """Share of answers whose every token is the argmax under teacher forcing."""
+    right = total = 0
+    for batch in batches:
+        embeds = model.embed_inputs(batch["input_ids"], batch.get("und_pixel_values"))
+        hidden = model.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+        predicted = model.lm.lm_head(hidden[:, :-1]).argmax(-1)
+        target = batch["labels"][:, 1:]
+        right += int(((predicted == target) | (target == IGNORE_INDEX)).all(1).sum())
+        total += len(target)
+    return right / max(1, total)
 
 
 def apply_overrides(model_cfg: dict, items: list[str]) -> None:
@@ -128,6 +164,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--vqa-share", type=float, default=0.0, help="share of batches that are VQA batches")
+    p.add_argument("--vqa-questions", choices=MIXES, default="all", help="the VQA batches' question mix")
+    p.add_argument("--curriculum-steps", type=int, default=0, help="first K steps on the curriculum's data")
+    p.add_argument("--curriculum-attributes", type=parse_attributes, default="all")
+    p.add_argument("--curriculum-questions", choices=MIXES, default="position")
+    p.add_argument("--curriculum-vqa-share", type=float, default=None, help="default: --vqa-share")
     p.add_argument("--lr", type=float, default=None, help="backbone learning rate (default: the config's)")
     p.add_argument("--projector-lr", type=float, default=None, help="projector/head learning rate (default: the config's)")
     p.add_argument("--warmup", type=int, default=50)
@@ -143,8 +184,11 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
                    help="override a model option, e.g. image_output.position_embedding=learned (repeatable)")
     args = p.parse_args()
-    if not 0.0 <= args.vqa_share < 1.0:
-        p.error(f"--vqa-share must be in [0, 1), got {args.vqa_share}")
+    if args.curriculum_vqa_share is None:
+        args.curriculum_vqa_share = args.vqa_share
+    for name in ("vqa_share", "curriculum_vqa_share"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     try:
         scales = [float(s) for s in args.cfg.split(",")]
     except ValueError:
@@ -168,6 +212,9 @@ def main() -> None:
     lr = optim.lr if args.lr is None else args.lr
     projector_lr = optim.projector_lr if args.projector_lr is None else args.projector_lr
     val = [generation_record(args.attributes, "val", i, random.Random(i), size, data_seed) for i in range(args.val_watches)]
+    probing_vqa = args.vqa_share > 0 or (args.curriculum_steps > 0 and args.curriculum_vqa_share > 0)
+    probes = {kind: [collate(records[i : i + 64]) for i in range(0, len(records), 64)]
+              for kind, records in vqa_probe_records(args.val_watches if probing_vqa else 0, size, data_seed).items()}
 
     adapters = {id(q) for q in model.adapter_parameters()}
     trainable = [q for q in model.parameters() if q.requires_grad]
@@ -203,12 +250,16 @@ def main() -> None:
                 drawn = [(img, r) for img, r in zip(images, val) if img is not None]
                 faith = score_generation(reader, torch.stack([i.float() for i, _ in drawn]), [r for _, r in drawn])
                 row[f"cfg{scale:g}"] = {k: v for k, v in faith.items() if isinstance(v, float)}
+            if probing_vqa:
+                row["vqa"] = {kind: exact_match(model, batches) for kind, batches in probes.items()}
             model.train()
         line = (f"step {step:5d}  loss {loss:.3f}  image {row['image_loss']:.3f}  gain {row['prompt_gain']:+.3f} ("
                 + " ".join(f"{k.split('/')[1]} {v:+.3f}" for k, v in row.items() if k.startswith("prompt_gain/")) + ")")
         for scale in scales:
             faith = row[f"cfg{scale:g}"]
             line += f"  | cfg {scale:g}: " + " ".join(f"{k} {v:.2f}" for k, v in faith.items())
+        if "vqa" in row:
+            line += "  | vqa: " + " ".join(f"{k} {v:.2f}" for k, v in row["vqa"].items())
         print(line + f"  {seconds:.0f} s", flush=True)
         if args.out:
             with open(args.out / "curves.jsonl", "a") as f:
@@ -217,14 +268,19 @@ def main() -> None:
         return row
 
     print(f"attributes {args.attributes}: {len(val)} validation prompts, batch {args.batch_size}, "
-          f"lr {lr:g} / {projector_lr:g}, {args.schedule}, vqa share {args.vqa_share:g}, overrides {args.set}", flush=True)
+          f"lr {lr:g} / {projector_lr:g}, {args.schedule}, vqa share {args.vqa_share:g} ({args.vqa_questions}), "
+          f"curriculum {args.curriculum_steps} steps ({args.curriculum_attributes}, {args.curriculum_questions}, "
+          f"vqa share {args.curriculum_vqa_share:g}), overrides {args.set}", flush=True)
     rng = random.Random(args.seed)
     start = time.perf_counter()
     for step in range(1, args.steps + 1):
-        if args.vqa_share and rng.random() < args.vqa_share:
-            records = [vqa_record("train", rng.randrange(1_000_000), rng, size, data_seed) for _ in range(args.batch_size)]
+        early = step <= args.curriculum_steps
+        share, questions = (args.curriculum_vqa_share, args.curriculum_questions) if early else (args.vqa_share, args.vqa_questions)
+        attributes = args.curriculum_attributes if early else args.attributes
+        if share and rng.random() < share:
+            records = [vqa_record(questions, "train", rng.randrange(1_000_000), rng, size, data_seed) for _ in range(args.batch_size)]
         else:
-            records = [generation_record(args.attributes, "train", rng.randrange(1_000_000), rng, size, data_seed)
+            records = [generation_record(attributes, "train", rng.randrange(1_000_000), rng, size, data_seed)
                        for _ in range(args.batch_size)]
         batch = collate(records, training=True)
         with autocast:
