@@ -23,9 +23,11 @@ answers of the validation watches per question kind.
 
 A curriculum: ``--curriculum-steps K`` trains the first K steps on ``--curriculum-attributes``
 prompts and ``--curriculum-questions`` VQA (defaults: all attributes stated, position questions
-only), with ``--curriculum-vqa-share`` of VQA batches, then switches to the options above. ``--out DIR`` writes the curves (``curves.jsonl``) and, at the end, the
-per-slot loss and prompt-gain maps (``slot_maps.png``): where in the token grid the image loss
-sits and where the prompt explains part of it. Prints numbers; asserts nothing.
+only), with ``--curriculum-vqa-share`` of VQA batches, then switches to the options above.
+
+``--out DIR`` writes the curves (``curves.jsonl``) and, at the end, the per-slot loss and
+prompt-gain maps (``slot_maps.png``): where in the token grid the image loss sits and where the
+prompt explains part of it. Prints numbers; asserts nothing.
 
 Prompt sets (``--attributes``): ``paper`` (time always, each other attribute with probability
 1/2, the paper's builder), ``all`` (all five stated), or a comma list of attributes stated in
@@ -75,13 +77,13 @@ def parse_attributes(text: str) -> tuple[str, ...] | str:
 
 def generation_prompt(attrs, chosen, rng: random.Random) -> str:
     """A generation request stating the chosen attributes (the paper's clause phrasings)."""
-    if chosen == "paper":
-        return templates.generation_conversation(attrs, rng)[0]["value"]
+    if chosen in ("paper", "all"):
+        return templates.generation_conversation(attrs, rng, prompts=chosen)[0]["value"]
     fields = {"time": attrs.time_str(), "weather": attrs.weather, "battery": attrs.battery,
               "weather_pos": attrs.weather_pos, "battery_pos": attrs.battery_pos}
     text = rng.choice(templates.GENERATION_REQUESTS)
     for attribute, (_, phrasings) in templates.CLAUSES.items():
-        if chosen == "all" or attribute in chosen:
+        if attribute in chosen:
             text += ", " + rng.choice(phrasings).format(**fields)
     return templates.postprocess(text)
 

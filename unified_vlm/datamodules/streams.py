@@ -113,7 +113,7 @@ class WatchStream(torch.utils.data.Dataset):
                 attrs, image = biased, image.replace(".png", "-biased.png")
         record = build_task_record(
             attrs, (self.seed, stream, watch), task, image=image, watch_id=watch_id(stream, watch), watch_index=watch,
-            wording=self.style.wording,
+            wording=self.style.wording, prompts=self.style.prompts, questions=self.style.questions,
         )
         if extra:
             record["stream"] = stream

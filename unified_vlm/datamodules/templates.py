@@ -258,8 +258,16 @@ def postprocess(text: str) -> str:
     return text.rstrip(",") + "."
 
 
-def describe(attrs: WatchAttributes, base: str, rng: random.Random) -> str:
-    """``base`` plus one ", <clause>" per included attribute, post-processed (1.3)."""
+PROMPTS = ("paper", "all")  # generation prompts: the paper's clause draw, or every attribute stated
+QUESTION_MIXES = ("paper", "position")  # VQA turns: the paper's draw, or corner questions only
+
+
+def describe(attrs: WatchAttributes, base: str, rng: random.Random, every: bool = False) -> str:
+    """``base`` plus one ", <clause>" per included attribute, post-processed (1.3).
+
+    ``every`` states every attribute (a curriculum's prompts) instead of the paper's draw; the
+    phrasings come from the same pools, so a model trained on them reads the paper's prompts.
+    """
     fields = {
         "time": attrs.time_str(),
         "weather": attrs.weather,
@@ -269,17 +277,24 @@ def describe(attrs: WatchAttributes, base: str, rng: random.Random) -> str:
     }
     text = base
     for probability, phrasings in CLAUSES.values():
-        if rng.random() < probability:
+        if every or rng.random() < probability:
             text += ", " + rng.choice(phrasings).format(**fields)
     return postprocess(text)
 
 
-def vqa_conversation(attrs: WatchAttributes, rng: random.Random, wording: str = "base") -> list[dict]:
-    """1 to 4 QA pairs: one always, then 3 trials at p=0.4; 'what' p=3/5, 'where' p=2/5."""
+def vqa_conversation(attrs: WatchAttributes, rng: random.Random, wording: str = "base", questions: str = "paper") -> list[dict]:
+    """1 to 4 QA pairs: one always, then 3 trials at p=0.4; 'what' p=3/5, 'where' p=2/5.
+
+    ``questions="position"`` asks only 'where' questions (same turn counts): a curriculum's
+    warm-up, where a fresh model finds the question-times-image product in a few hundred steps.
+    """
+    if questions not in QUESTION_MIXES:
+        raise ValueError(f"questions must be one of {QUESTION_MIXES}, got {questions!r}")
     n_pairs = 1 + sum(rng.random() < EXTRA_QA_PROBABILITY for _ in range(EXTRA_QA_TRIALS))
     turns = []
     for k in range(n_pairs):
-        pool = WHAT_ATTRIBUTES if rng.random() < WHAT_PROBABILITY else WHERE_ATTRIBUTES
+        what = rng.random() < WHAT_PROBABILITY and questions == "paper"
+        pool = WHAT_ATTRIBUTES if what else WHERE_ATTRIBUTES
         attribute = rng.choice(pool)
         question = rng.choice(_pool(QUESTIONS[attribute], ALT_QUESTIONS[attribute], wording))
         if k == 0:
@@ -288,8 +303,10 @@ def vqa_conversation(attrs: WatchAttributes, rng: random.Random, wording: str = 
     return turns
 
 
-def generation_conversation(attrs: WatchAttributes, rng: random.Random, wording: str = "base") -> list[dict]:
-    prompt = describe(attrs, rng.choice(_pool(GENERATION_REQUESTS, ALT_GENERATION_REQUESTS, wording)), rng)
+def generation_conversation(attrs: WatchAttributes, rng: random.Random, wording: str = "base", prompts: str = "paper") -> list[dict]:
+    if prompts not in PROMPTS:
+        raise ValueError(f"prompts must be one of {PROMPTS}, got {prompts!r}")
+    prompt = describe(attrs, rng.choice(_pool(GENERATION_REQUESTS, ALT_GENERATION_REQUESTS, wording)), rng, every=prompts == "all")
     return [{"from": "human", "value": prompt}, {"from": "gpt", "value": rng.choice(GENERATION_ACKNOWLEDGEMENTS)}]
 
 
@@ -307,16 +324,23 @@ CONVERSATION_BUILDERS = {
 
 def build_task_record(
     attrs: WatchAttributes, rng_seed_key: tuple, task: str, image: str, watch_id: str, watch_index: int | None = None,
-    wording: str = "base",
+    wording: str = "base", prompts: str = "paper", questions: str = "paper",
 ) -> dict:
-    """One LLaVA-schema record; its text depends only on (attrs, rng_seed_key, task, wording)."""
+    """One LLaVA-schema record; its text depends only on (attrs, rng_seed_key, task, wording, prompts, questions)."""
     if task not in CONVERSATION_BUILDERS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    rng = stable_rng(*rng_seed_key, task)
+    if task == "generation":
+        conversations = generation_conversation(attrs, rng, wording, prompts=prompts)
+    elif task == "vqa":
+        conversations = vqa_conversation(attrs, rng, wording, questions=questions)
+    else:
+        conversations = CONVERSATION_BUILDERS[task](attrs, rng, wording)
     record = {
         "id": f"{watch_id}-{task}",
         "task": task,
         "image": image,
-        "conversations": CONVERSATION_BUILDERS[task](attrs, stable_rng(*rng_seed_key, task), wording),
+        "conversations": conversations,
         "attributes": attrs.to_dict(),
     }
     if watch_index is not None:

@@ -4,12 +4,14 @@ Training data is either streamed (watches rendered on the fly, the default: no f
 or read from a LLaVA-schema JSON/JSONL file, so any dataset in that schema is trainable.
 ``mode`` picks the paper's regimes: ``mixed`` (all tasks), ``understanding`` (vqa + caption) or
 ``generation``, and ``test_mode`` which tasks the test split scores (default: ``mode``'s);
-``proportions`` reweights tasks inside the mix; ``variant`` picks a dataset
+``proportions`` reweights tasks inside the mix; ``curriculum`` trains the first steps on easier
+records of the same watches (``curriculum.Curriculum``); ``variant`` picks a dataset
 variant of the experiments (data scaling, knowledge transfer, fixed layout, style and wording;
 see ``variants.DataVariant`` and docs/data.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -22,6 +24,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from unified_vlm.datamodules.curriculum import Curriculum, CurriculumError, StreamChain
 from unified_vlm.datamodules.variants import DataVariant, VariantError
 
 log = logging.getLogger(__name__)
@@ -56,19 +59,15 @@ class TensorImages(Dataset):
 
     def tasks(self) -> list[str]:
         """The task of every item, without rendering or reading images."""
-        from unified_vlm.datamodules.streams import WatchStream
-
         base = self.records
-        if isinstance(base, WatchStream):
+        if hasattr(base, "task"):  # a WatchStream or a StreamChain of them
             return [base.task(i) for i in range(len(base))]
         return [r["task"] for r in base.records]
 
     def text_lengths(self) -> list[int]:
         """Characters of conversation text per item (a proxy for its token count), without images."""
-        from unified_vlm.datamodules.streams import WatchStream
-
         base = self.records
-        records = (base.record(i) for i in range(len(base))) if isinstance(base, WatchStream) else base.records
+        records = (base.record(i) for i in range(len(base))) if hasattr(base, "task") else base.records
         return [sum(len(turn["value"]) for turn in r["conversations"]) for r in records]
 
 
@@ -126,11 +125,14 @@ class TaskMixSampler(DistributedSampler):
 
     ``resume_from(epoch, start)`` skips the first ``start`` indices of this rank's order in that
     epoch: a run resumed from a mid-epoch checkpoint continues the data where it stopped.
+
+    ``prefix`` (a curriculum, ``curriculum.Curriculum``): indices that replace the first
+    ``len(prefix)`` positions of epoch 0's global order; the epoch keeps its length.
     """
 
     def __init__(self, tasks: list[str], proportions: Optional[dict[str, float]] = None, chunk: int = 1, seed: int = 0,
                  lengths: Optional[list[int]] = None, length_pool: int = 1, batch_size: int = 1,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+                 num_replicas: int = 1, rank: int = 0, prefix: Optional[list[int]] = None) -> None:
         if lengths is not None and len(lengths) != len(tasks):
             raise ValueError(f"lengths has {len(lengths)} entries for {len(tasks)} records")
         if length_pool < 1:
@@ -146,6 +148,9 @@ class TaskMixSampler(DistributedSampler):
         for index, task in enumerate(tasks):
             self.by_task.setdefault(task, []).append(index)
         self._resume: Optional[tuple[int, int]] = None
+        self.prefix = list(prefix or [])
+        if len(self.prefix) > len(tasks):
+            raise ValueError(f"a prefix of {len(self.prefix)} records is longer than the epoch of {len(tasks)} records")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -174,6 +179,12 @@ class TaskMixSampler(DistributedSampler):
 
     def global_order(self) -> list[int]:
         """This epoch's order as one process sees it (every rank computes the same)."""
+        order = self._shuffled_order()
+        if self.epoch == 0 and self.prefix:
+            order = self.prefix + order[len(self.prefix):]
+        return order
+
+    def _shuffled_order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + 1000003 * self.epoch)
         drawn = self._draw(generator)
         if self.chunk == 1:
@@ -254,6 +265,7 @@ class UnifiedDataModule(L.LightningDataModule):
         eval_batch_size: int = 50,
         num_workers: int = 1,
         variant: Optional[DataVariant] = None,
+        curriculum: Optional[Curriculum] = None,
         test_mode: Optional[str] = None,
         collator: Any = None,
     ) -> None:
@@ -273,6 +285,12 @@ class UnifiedDataModule(L.LightningDataModule):
                 raise ValueError(f"data.proportions must be non-negative with a positive sum, got {proportions}")
         self.variant = _checked_variant(variant, mode, {"train": train_records, "val": val_records, "test": test_records})
         variant = None if self.variant.is_default() else self.variant.to_dict()  # plain data in the hyper-parameters
+        self.curriculum = Curriculum.coerce(curriculum)
+        self.curriculum.check(MODES[mode], mode)
+        if self.curriculum.steps and train_records is not None:
+            raise CurriculumError(f"data.curriculum writes its own records of the streamed training watches, and data.train_records "
+                                  f"reads {train_records}; unset one of them")
+        curriculum = self.curriculum.to_dict()
         self.save_hyperparameters(ignore=["collator"])
         self.mode, self.proportions = mode, proportions
         self.collator = collator
@@ -320,6 +338,8 @@ class UnifiedDataModule(L.LightningDataModule):
         tasks = MODES[self.mode]
         if stage in ("fit", None):
             self.datasets["train"] = self._dataset("train", h.train_records, h.num_train_watches, tasks)
+            if self.curriculum.steps:
+                self.datasets["train"] = TensorImages(StreamChain(self.datasets["train"].records, self._curriculum_stream(tasks)))
             self.datasets["val"] = self._dataset("val", h.val_records, h.num_val_watches, tasks)
         if stage in ("fit", "validate", None) and "val" not in self.datasets:
             self.datasets["val"] = self._dataset("val", h.val_records, h.num_val_watches, tasks)
@@ -335,15 +355,37 @@ class UnifiedDataModule(L.LightningDataModule):
                                  self.collator)  # too long: say so now, naming the line, as training does
             self.datasets["predict"] = prompts
 
+    def _curriculum_stream(self, tasks):
+        """The training watches again, in the curriculum's prompts and questions."""
+        from unified_vlm.datamodules.streams import WatchStream
+
+        h, c = self.hparams, self.curriculum
+        style = dataclasses.replace(self.variant.train, prompts=c.prompts, questions=c.questions)
+        return WatchStream(split="train", num_watches=h.num_train_watches, seed=h.seed, image_size=h.image_size, tasks=tasks,
+                           paper_hours=h.paper_hours, variant=dataclasses.replace(self.variant, train=style))
+
     def _sampler(self, dataset: TensorImages) -> TaskMixSampler:
         """The training order: always our own sampler, so DDP keeps the mix and resume can skip."""
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         micro = self.micro_batch_size()
         chunk = micro * world if self.hparams.group_by_task else 1
         by_length = self.hparams.group_by_task and self.hparams.length_pool > 1
-        sampler = TaskMixSampler(dataset.tasks(), self.proportions, chunk=chunk, seed=self.hparams.seed,
-                                 lengths=dataset.text_lengths() if by_length else None, length_pool=self.hparams.length_pool,
-                                 batch_size=micro, num_replicas=world, rank=rank)
+        tasks = dataset.tasks()
+        lengths = dataset.text_lengths() if by_length else None
+        prefix = None
+        if self.curriculum.steps:
+            main = len(dataset.records.first)
+            stage = TaskMixSampler(tasks[main:], self.curriculum.proportions or self.proportions, chunk=chunk, seed=self.hparams.seed + 1,
+                                   lengths=lengths[main:] if lengths else None, length_pool=self.hparams.length_pool)
+            needed = self.curriculum.steps * self.hparams.global_batch_size
+            if needed > main:
+                raise CurriculumError(f"data.curriculum.steps={self.curriculum.steps} x data.global_batch_size="
+                                      f"{self.hparams.global_batch_size} = {needed} records, more than the first epoch's {main}; "
+                                      "lower data.curriculum.steps or raise data.num_train_watches")
+            prefix = [main + i for i in stage.global_order()[:needed]]
+            tasks, lengths = tasks[:main], lengths[:main] if lengths else None
+        sampler = TaskMixSampler(tasks, self.proportions, chunk=chunk, seed=self.hparams.seed, lengths=lengths,
+                                 length_pool=self.hparams.length_pool, batch_size=micro, num_replicas=world, rank=rank, prefix=prefix)
         if self._resume is not None:
             epoch, consumed = self._resume["epoch"], self._resume["records_consumed"]
             span = micro * world

@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from unified_vlm.datamodules.templates import WORDINGS
+from unified_vlm.datamodules.templates import PROMPTS, QUESTION_MIXES, WORDINGS
 from unified_vlm.datamodules.watch import (
     BATTERY_COLORS,
     FONTS,
@@ -70,6 +70,9 @@ class SplitStyle:
         battery_color: battery bar colour, ``green`` (default), ``blue``, ``orange`` or ``purple``.
         font: battery text font, ``default``, ``large`` or ``bitmap`` (PIL's old fixed-size font).
         render: ``native`` (drawn at the image size) or ``downscale`` (drawn at 224 px and resized).
+        prompts: generation prompts: ``paper`` (time always, every other attribute with p=1/2) or
+            ``all`` (every attribute stated; the phrasings of the paper's pools).
+        questions: VQA turns: ``paper`` (the paper's draw) or ``position`` (corner questions only).
     """
 
     layout: str = "random"
@@ -78,6 +81,8 @@ class SplitStyle:
     battery_color: str = "green"
     font: str = "default"
     render: str = "native"
+    prompts: str = "paper"
+    questions: str = "paper"
 
     def watch_style(self) -> WatchStyle:
         return WatchStyle(icons=self.icons, battery_color=self.battery_color, font=self.font, render=self.render)
@@ -86,6 +91,7 @@ class SplitStyle:
         for name, allowed in (
             ("layout", LAYOUTS), ("wording", WORDINGS), ("icons", ICON_DESIGNS),
             ("battery_color", tuple(BATTERY_COLORS)), ("font", FONTS), ("render", RENDER_MODES),
+            ("prompts", PROMPTS), ("questions", QUESTION_MIXES),
         ):
             value = getattr(self, name)
             if value not in allowed:
