@@ -200,3 +200,33 @@ def test_paper_configs_parse_against_the_typed_specs(config):
     assert trainer["max_epochs"] == 1 and trainer["precision"] == "auto"
     expected_alpha = 0.2 if model.image_output.space == "vq" else 1.0
     assert model.image_output.loss_weight == expected_alpha
+
+
+# What may differ between the four tiny configs: where they write, and the architecture of the
+# combination (its encoder, understanding projector and output side). Everything else is the shared
+# recipe (trainer, data, curriculum, backbone, optimiser, sampling) and must agree.
+ARCHITECTURE_KEYS = {
+    "trainer.default_root_dir", "trainer.logger.init_args.save_dir",
+    "model.encoder.name", "model.encoder.options", "model.und_projector",
+    "model.image_output.space", "model.image_output.tokenizer", "model.image_output.encoder", "model.image_output.renderer",
+    "model.image_output.head", "model.image_output.loss_weight", "model.image_output.projector",
+}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in ARCHITECTURE_KEYS:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def test_the_tiny_configs_share_one_recipe():
+    main = flatten(yaml.safe_load(MAIN_CONFIG.read_text()))
+    for config in TINY_CONFIGS:
+        other = flatten(yaml.safe_load(config.read_text()))
+        differing = sorted(k for k in set(main) | set(other) if main.get(k, "<absent>") != other.get(k, "<absent>"))
+        assert set(differing) <= ARCHITECTURE_KEYS, f"{config.name} departs from the shared recipe at {set(differing) - ARCHITECTURE_KEYS}"
