@@ -3,6 +3,7 @@ command on a tiny distorted VQ-VQ checkpoint trained in the test."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,15 @@ def test_token_features_pick_one_token(tiny_model_kwargs, watch_records):
     with torch.no_grad():
         assert torch.allclose(feats, model.encode_understanding(images)[:, 1])
     assert feats.shape == (5, 32)
+
+
+def test_probe_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    """The probe loads checkpoints through the safe loader, as fit and test do."""
+    from unified_vlm.files import CheckpointError
+
+    config = tmp_path / "config.yaml"
+    config.write_text("data: {image_size: 16}\n")
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Path(".")}, evil)  # a pathlib object: not plain data
+    with pytest.raises(CheckpointError, match="refused to load"):
+        main(["probe", "--config", str(config), "--ckpt_path", str(evil), "--out", str(tmp_path / "probe"), "--no_tsne"])

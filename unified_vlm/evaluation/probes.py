@@ -270,6 +270,7 @@ def load_run(config: str, ckpt_path: str, data_overrides: Optional[dict[str, Any
 
     from unified_vlm.datamodules.collate import ConversationCollator
     from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
+    from unified_vlm.files import load_checkpoint
     from unified_vlm.models.unified import UnifiedVLM
 
     if not Path(config).is_file():
@@ -282,7 +283,8 @@ def load_run(config: str, ckpt_path: str, data_overrides: Optional[dict[str, Any
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(UnifiedDataModule, "data", skip={"collator"})
     datamodule = parser.instantiate(parser.parse_object({"data": data})).data
-    model = UnifiedVLM.load_from_checkpoint(ckpt_path, map_location="cpu")
+    load_checkpoint(ckpt_path)  # refuses a file that would run code, or a truncated one, naming it (as fit/test do)
+    model = UnifiedVLM.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     datamodule.collator = ConversationCollator.for_model(model)
     return model, datamodule
 
