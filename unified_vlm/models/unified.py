@@ -247,11 +247,20 @@ class UnifiedVLM(L.LightningModule):
         embeds = self.embed_inputs(input_ids, batch.get("und_pixel_values"), gen_targets)
         hidden = self.decoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
 
-        text_loss = self.text_loss(self.lm.lm_head(hidden[:, :-1]), labels[:, 1:])
+        text_loss, text_count = losses.text_loss(self.lm.lm_head(hidden[:, :-1]), labels[:, 1:], self.text_loss_average,
+                                                 self.ids["end_turn"])
         if gen_targets is not None:
-            image_loss = losses.image_loss(self.head, hidden, input_ids[:, 1:] == self.ids["gen_pad"], gen_targets)
+            image_loss, image_count = losses.image_loss(self.head, hidden, input_ids[:, 1:] == self.ids["gen_pad"], gen_targets)
         else:
-            image_loss = text_loss.new_zeros(())
+            image_loss, image_count = text_loss.new_zeros(()), text_count.new_zeros(())
+        # Means over the optimiser step's whole batch, not per rank or micro-batch (docs/training_safety.md).
+        step_counts = batch.get("step_counts")
+        if step_counts is not None:
+            step_counts = step_counts[[0 if self.text_loss_average == "token" else 1, 2]]  # (tokens, turns, image slots)
+        text_loss, image_loss = losses.global_batch_means(
+            (text_loss, image_loss), (text_count, image_count), distributed=self.training, step_counts=step_counts,
+            accumulate=self.trainer.accumulate_grad_batches if self._trainer is not None else 1,
+        )
         # Every trainable parameter of a side the batch did not use joins the graph with a zero weight (DDP).
         understood = batch.get("und_pixel_values") is not None and bool((input_ids == self.ids["image_pad"]).any())
         und_parts = (self.encoder, self.und_distortion, self.und_feature_norm, self.und_projector, self.und_token_embedding)
@@ -264,7 +273,7 @@ class UnifiedVLM(L.LightningModule):
 
     def text_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy, averaged as ``text_loss_average`` says (``losses.text_loss``)."""
-        return losses.text_loss(logits, targets, self.text_loss_average, self.ids["end_turn"])
+        return losses.text_loss(logits, targets, self.text_loss_average, self.ids["end_turn"])[0]
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         out = self(batch)
