@@ -99,6 +99,14 @@ class ChatFormat:
         """Tokens ``encode`` makes of ``record``, without its image (to check lengths when a file loads)."""
         return 2 + sum(len(self._turn(turn["from"], turn["value"])[0]) for turn in record["conversations"])
 
+    def supervised_counts(self, record: dict) -> tuple[int, int, int]:
+        """What the model's losses average over in ``record``, read from its text alone: supervised
+        text tokens, assistant turns and generated-image slots (the data counts an optimiser step's
+        worth ahead, ``TaskMixSampler``'s ``counter``)."""
+        answers = [turn["value"] for turn in record["conversations"] if turn["from"] == GPT]
+        tokens = sum(label != IGNORE_INDEX for value in answers for label in self._turn(GPT, value)[1])
+        return tokens, len(answers), sum(value.count(IMAGE_MARKER) for value in answers) * self.num_generation_tokens
+
     def encode(self, record: dict) -> dict:
         """One record -> ``input_ids``, ``labels`` (LongTensor, same length) and its und/gen image."""
         rid = record.get("id", "?")

@@ -118,5 +118,6 @@ class ConversationCollator:
             "gen_pixel_values": stack("gen_image"),
             "tasks": [r.get("task") for r in records],
             "ids": [str(r.get("id")) for r in records],
+            "step_counts": records[0].get("step_counts"),  # set by the training sampler under accumulation
         }
 

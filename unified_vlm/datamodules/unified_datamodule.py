@@ -16,7 +16,7 @@ import functools
 import logging
 import math
 import random
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import numpy as np
@@ -52,10 +52,20 @@ class TensorImages(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, torch.Tensor]) -> dict:
+        """Record ``index``; ``(index, step_counts)`` (``TaskMixSampler`` with a ``counter``) also
+        sets ``record['step_counts']``."""
+        index, step_counts = index if isinstance(index, tuple) else (index, None)
         record = dict(self.records[index])
         record["image"] = pil_to_tensor(record["image"])
+        if step_counts is not None:
+            record["step_counts"] = step_counts
         return record
+
+    def text_record(self, index: int) -> dict:
+        """Record ``index`` without rendering or reading its image."""
+        base = self.records
+        return base.record(index) if hasattr(base, "task") else base.records[index]
 
     def tasks(self) -> list[str]:
         """The task of every item, without rendering or reading images."""
@@ -66,8 +76,7 @@ class TensorImages(Dataset):
 
     def text_lengths(self) -> list[int]:
         """Characters of conversation text per item (a proxy for its token count), without images."""
-        base = self.records
-        records = (base.record(i) for i in range(len(base))) if hasattr(base, "task") else base.records
+        records = (self.text_record(i) for i in range(len(self)))
         return [sum(len(turn["value"]) for turn in r["conversations"]) for r in records]
 
 
@@ -118,8 +127,8 @@ class TaskMixSampler(DistributedSampler):
 
     Distributed (``num_replicas`` > 1): every rank draws the same global order and takes its
     ``batch_size`` slice of each global batch of ``batch_size x num_replicas`` records, so the
-    ranks together see exactly the batches one process would (one task per batch with
-    chunk = global micro batch); the order is padded from its start to whole global batches so every
+    ranks together see exactly the batches one process would (one task per optimiser step with
+    chunk = micro batch x ranks x accumulation, as ``UnifiedDataModule`` sets it); the order is padded from its start to whole global batches so every
     rank makes the same number of steps. It subclasses ``DistributedSampler`` only so that
     Lightning does not wrap it in its own distributed sampler (which would reshuffle the mix).
 
@@ -128,11 +137,18 @@ class TaskMixSampler(DistributedSampler):
 
     ``prefix`` (a curriculum, ``curriculum.Curriculum``): indices that replace the first
     ``len(prefix)`` positions of epoch 0's global order; the epoch keeps its length.
+
+    ``counter`` (index -> tensor of counts, e.g. the supervised tokens, turns and image slots of a
+    record) makes the sampler yield ``(index, step counts)``: the counts summed over the optimiser
+    step the index belongs to, ``batch_size x num_replicas x accumulate`` records of the global
+    order. Under gradient accumulation the model needs them to average its losses over the whole
+    step (``losses.global_batch_means``), and no micro-batch can know them otherwise.
     """
 
     def __init__(self, tasks: list[str], proportions: Optional[dict[str, float]] = None, chunk: int = 1, seed: int = 0,
                  lengths: Optional[list[int]] = None, length_pool: int = 1, batch_size: int = 1,
-                 num_replicas: int = 1, rank: int = 0, prefix: Optional[list[int]] = None) -> None:
+                 num_replicas: int = 1, rank: int = 0, prefix: Optional[list[int]] = None, accumulate: int = 1,
+                 counter: Optional[Callable[[int], torch.Tensor]] = None) -> None:
         if lengths is not None and len(lengths) != len(tasks):
             raise ValueError(f"lengths has {len(lengths)} entries for {len(tasks)} records")
         if length_pool < 1:
@@ -141,7 +157,7 @@ class TaskMixSampler(DistributedSampler):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         super().__init__(tasks, num_replicas=num_replicas, rank=rank, shuffle=False, seed=seed)
         self.tasks, self.proportions, self.chunk, self.seed, self.epoch = tasks, proportions, max(1, chunk), seed, 0
-        self.batch_size = batch_size
+        self.batch_size, self.accumulate, self.counter = batch_size, accumulate, counter
         self.lengths = torch.tensor(lengths) if lengths is not None else None
         self.length_pool = length_pool
         self.by_task: dict[str, list[int]] = {}
@@ -199,17 +215,29 @@ class TaskMixSampler(DistributedSampler):
         return [i for c in order for i in c.tolist()]
 
     def __iter__(self):
-        order = self.global_order()
+        order = full = self.global_order()
+        span = self.batch_size * self.num_replicas
         if self.num_replicas > 1:
-            span = self.batch_size * self.num_replicas
             total = len(self) * self.num_replicas  # whole global batches, padded from the start
-            order = (order * math.ceil(total / max(1, len(order))))[:total]
+            order = full = (order * math.ceil(total / max(1, len(order))))[:total]
             mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
             order = [i for g in range(0, len(order), span) for i in order[g:g + span][mine]]
+        start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
-            order = order[self._resume[1]:]
+            start = self._resume[1]
             self._resume = None
-        return iter(order)
+        return iter(order[start:]) if self.counter is None else self._with_step_counts(order, full, start)
+
+    def _with_step_counts(self, order: list[int], full: list[int], start: int):
+        """``(index, counts of its optimiser step)`` for this rank's ``order[start:]``; each step's
+        counts are summed over its records of the global order ``full`` when the step is reached."""
+        mine, everyone = self.batch_size * self.accumulate, self.batch_size * self.num_replicas * self.accumulate
+        step, counts = -1, None
+        for position in range(start, len(order)):
+            if position // mine != step:
+                step = position // mine
+                counts = sum(self.counter(i) for i in full[step * everyone:(step + 1) * everyone])
+            yield order[position], counts
 
     def _sort_pools(self, ix: torch.Tensor) -> torch.Tensor:
         """Sort each run of ``length_pool * chunk`` indices by length (stable, so ties keep the shuffle)."""
@@ -219,6 +247,10 @@ class TaskMixSampler(DistributedSampler):
             part = ix[start:start + pool]
             parts.append(part[torch.argsort(self.lengths[part], stable=True)])
         return torch.cat(parts) if parts else ix
+
+
+def _record_counts(chat_format, dataset: TensorImages, index: int) -> torch.Tensor:
+    return torch.tensor(chat_format.supervised_counts(dataset.text_record(index)))
 
 
 def list_collate(records: list[dict]) -> list[dict]:
@@ -368,7 +400,8 @@ class UnifiedDataModule(L.LightningDataModule):
         """The training order: always our own sampler, so DDP keeps the mix and resume can skip."""
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         micro = self.micro_batch_size()
-        chunk = micro * world if self.hparams.group_by_task else 1
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        chunk = micro * world * accumulate if self.hparams.group_by_task else 1  # one task per optimiser step
         by_length = self.hparams.group_by_task and self.hparams.length_pool > 1
         tasks = dataset.tasks()
         lengths = dataset.text_lengths() if by_length else None
@@ -385,7 +418,8 @@ class UnifiedDataModule(L.LightningDataModule):
             prefix = [main + i for i in stage.global_order()[:needed]]
             tasks, lengths = tasks[:main], lengths[:main] if lengths else None
         sampler = TaskMixSampler(tasks, self.proportions, chunk=chunk, seed=self.hparams.seed, lengths=lengths,
-                                 length_pool=self.hparams.length_pool, batch_size=micro, num_replicas=world, rank=rank, prefix=prefix)
+                                 length_pool=self.hparams.length_pool, batch_size=micro, num_replicas=world, rank=rank, prefix=prefix,
+                                 accumulate=accumulate, counter=self._counter(dataset) if accumulate > 1 else None)
         if self._resume is not None:
             epoch, consumed = self._resume["epoch"], self._resume["records_consumed"]
             span = micro * world
@@ -394,6 +428,11 @@ class UnifiedDataModule(L.LightningDataModule):
             sampler.resume_from(epoch, (consumed // span) * micro)
             self._resume = None
         return sampler
+
+    def _counter(self, dataset: TensorImages) -> Callable[[int], torch.Tensor]:
+        """Record index -> its (supervised tokens, assistant turns, image slots): what the model
+        averages its losses over, counted from the text (``ChatFormat.supervised_counts``)."""
+        return functools.partial(_record_counts, self.collator.chat_format, dataset)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

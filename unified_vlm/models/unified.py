@@ -254,7 +254,7 @@ class UnifiedVLM(L.LightningModule):
         else:
             image_loss, image_count = text_loss.new_zeros(()), text_count.new_zeros(())
         # Means over the optimiser step's whole batch, not per rank or micro-batch (docs/training_safety.md).
-        step_counts = batch.get("step_counts")
+        step_counts = batch.get("step_counts") if self.training else None
         if step_counts is not None:
             step_counts = step_counts[[0 if self.text_loss_average == "token" else 1, 2]]  # (tokens, turns, image slots)
         text_loss, image_loss = losses.global_batch_means(
