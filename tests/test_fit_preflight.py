@@ -37,3 +37,16 @@ def test_a_missing_reader_directory_or_inception_file_fails_before_training(tmp_
     assert main(fit_args(tmp_path, tiny_vq_dir) + ["--report.inception_weights", str(tmp_path / "pt_inception.pth")]) == 2
     assert "report.inception_weights" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_broken_image_of_the_test_records_fails_before_training(tmp_path, tiny_vq_dir, capsys):
+    """data.test_records is read after fit; its images are opened before training, as the train and val ones are."""
+    from unified_vlm.datamodules.materialize import materialize
+
+    records = Path(materialize(tmp_path / "watch_test", split="test", num_watches=2, image_size=16, progress=False))
+    broken = records.parent / "images" / "000001.png"
+    broken.write_text("not a picture")
+    assert main(fit_args(tmp_path, tiny_vq_dir) + ["--data.test_records", str(records)]) == 2
+    err = capsys.readouterr().err
+    assert f"test_after_fit) reads data.test_records: {records}: 1 of 2 image(s) cannot be read: line 4: image {broken}" in err
+    assert not list(tmp_path.rglob("*.ckpt")), "it trained before failing"

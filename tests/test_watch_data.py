@@ -340,3 +340,42 @@ def test_stream_items_render_their_attributes():
     assert item["image"].size == (64, 64)
     assert item["image"].tobytes() == render_watch(attrs, 64).tobytes()
     assert len(stream) == 6
+
+
+def test_the_font_docs_say_what_the_installed_pillow_draws(monkeypatch):
+    """The paper's generator drew its battery text with ``ImageFont.load_default()``, which since Pillow
+    10.1 (with FreeType) is the scalable Aileron at 10 px, not the old bitmap font; the default style
+    draws that face at 11 px at 224. docs/data.md and WatchStyle's docstring must say so."""
+    from pathlib import Path
+
+    from PIL import ImageDraw, ImageFont
+
+    from unified_vlm.datamodules.watch import WatchStyle
+
+    paper = ImageFont.load_default()
+    assert isinstance(paper, ImageFont.FreeTypeFont), "this Pillow has no FreeType: the scalable styles cannot draw"
+    fonts = []
+    draw_text = ImageDraw.ImageDraw.text
+
+    def spy(self, xy, text, *args, **kwargs):
+        fonts.append(kwargs["font"])
+        return draw_text(self, xy, text, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", spy)
+    render_watch(sample_watch(0, "train", 0), 224)
+    (drawn,) = fonts
+    assert drawn.getname() == paper.getname() == ("Aileron", "Regular") and (paper.size, drawn.size) == (10, 11)
+
+    def stated(pattern: str, text: str) -> str:
+        match = re.search(pattern, text)
+        assert match, f"the docs do not say {pattern!r}: {text}"
+        return match[1]
+
+    row = next(line for line in (Path(__file__).parents[1] / "docs" / "data.md").read_text().splitlines()
+               if line.startswith("| `font` |"))
+    assert stated(r"`default` \(Pillow's scalable default font, Aileron Regular, at (\d+) px at 224\)", row) == "11"
+    assert stated(r"`ImageFont.load_default\(\)` under Pillow 10.4: Aileron at (\d+) px, not the bitmap font", row) == "10"
+    doc = " ".join(WatchStyle.__doc__.split())
+    assert stated(r"``default`` is Pillow's scalable default font, Aileron Regular .*? at (\d+) px at 224", doc) == "11"
+    assert stated(r"Aileron at its default (\d+) px, not the bitmap font", doc) == "10"
+    assert "paper's PIL drew" not in row + doc

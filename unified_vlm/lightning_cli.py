@@ -156,10 +156,21 @@ class UnifiedCLI(LightningCLI):
         prepare_builtin_assets(model.as_dict() if hasattr(model, "as_dict") else dict(model or {}))
 
     def before_fit(self) -> None:
-        """With ``test_after_fit``, what the post-fit test needs (the watch reader that scores the generated
-        watches, the Inception weights) is checked now: a missing file fails before training, not after it."""
+        """With ``test_after_fit``, what the post-fit test needs (``data.test_records`` and its images, the
+        watch reader that scores the generated watches, the Inception weights) is checked now: a missing or
+        broken file fails before training, not after it. (The train and val records are checked when
+        ``setup("fit")`` loads them.)"""
         if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.fast_dev_run:
             return
+        data = getattr(self.datamodule, "hparams", {})
+        if data.get("test_records") is not None:
+            from unified_vlm.datamodules.records import RecordError, load_located_records
+
+            try:
+                load_located_records(data["test_records"], image_root=data.get("image_root"),
+                                     allow_outside_root=data.get("allow_images_outside_root", False))
+            except (RecordError, OSError) as err:
+                raise CommandRefused(f"the test after fit (test_after_fit) reads data.test_records: {err}") from None
         for callback in self.trainer.callbacks:
             if isinstance(callback, EvaluationReport):
                 try:

@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--check", type=Path, metavar="RECORDS",
                         help="instead of rendering: validate RECORDS (.json/.jsonl) and decode every image it names")
     parser.add_argument("--image-root", type=Path, default=None, help="with --check: image folder (default: the file's folder)")
+    parser.add_argument("--allow-images-outside-root", action="store_true",
+                        help="with --check: accept absolute image paths and ones that leave the image folder "
+                             "(as data.allow_images_outside_root: true; docs/data.md)")
     parser.add_argument("--split", default="train", help="split name; different splits never share a watch (default: train)")
     parser.add_argument(
         "--num-watches", type=int, default=None,
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.check is not None:
-        return check_main(args.check, args.image_root)
+        return check_main(args.check, args.image_root, args.allow_images_outside_root)
     if args.out is None:
         parser.error("--out is required (or --check RECORDS)")
     try:
@@ -245,12 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_main(records: Path, image_root: Path | None) -> int:
+def check_main(records: Path, image_root: Path | None, allow_outside_root: bool = False) -> int:
     """``data --check``: every record valid and every image decodable; problems name file and line."""
     from unified_vlm.datamodules.records import RecordError, check_record_images
 
     try:
-        problems = check_record_images(records, image_root)
+        problems = check_record_images(records, image_root, allow_outside_root)
     except (RecordError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,12 @@ A record is ``{"task", "image", "conversations", ["id"], ["attributes"], ["watch
 docs/data.md. Files are either a JSON array (what LLaVA and the paper's generator write) or JSON
 Lines. Every record is validated on load, so a malformed file fails before training starts, with
 a message naming the file, the line (JSONL, 1-based) or array element (0-based), and the problem.
+
+Image paths follow one rule (``image_file``): relative to the image root and inside it once ``..``
+and symlinks are resolved; absolute paths and paths that leave the root only with
+``allow_outside_root`` (``data.allow_images_outside_root``). A records file is data that may come
+from elsewhere; without the rule, ``"image": "/etc/hostname"`` or ``"../../x.png"`` would make a
+run read any file the process can.
 """
 from __future__ import annotations
 
@@ -62,8 +68,8 @@ def _parse(path: Path) -> list[tuple[str, Any]]:
     return parsed
 
 
-def validate_record(record: Any, where: str, image_root: Path | None) -> None:
-    """Raise RecordError(f"{where}: ...") if ``record`` breaks the schema; skip the image check if no root."""
+def validate_record(record: Any, where: str) -> None:
+    """Raise RecordError(f"{where}: ...") if ``record`` breaks the schema (its image file: ``image_file``)."""
 
     def fail(problem: str) -> None:
         raise RecordError(f"{where}: {problem}")
@@ -98,8 +104,60 @@ def validate_record(record: Any, where: str, image_root: Path | None) -> None:
     if marker_count != 1 or IMAGE_MARKER not in turns[marker_turn]["value"]:
         fail(f"a {task} record needs {IMAGE_MARKER} exactly once, in {where_marker}; found it {marker_count} time(s)")
 
-    if image_root is not None and not (image_root / record["image"]).is_file():
-        fail(f"image file does not exist: {image_root / record['image']}")
+
+def image_file(image: str, where: str, root: Path, allow_outside_root: bool = False, real_root: Path | None = None) -> Path:
+    """The file a record's ``image`` names: ``root / image``. Raise RecordError naming ``where`` and
+    the path if it is absolute, or leads outside ``root`` once ``..`` and symlinks are resolved,
+    unless ``allow_outside_root`` (a trusted file whose images live elsewhere, e.g. a symlinked
+    ``images/`` on another disk). The root itself may be a symlink: both sides are resolved
+    (``real_root``: ``root.resolve()``, passed in when checking many records)."""
+    if allow_outside_root:
+        return root / image
+    hint = "(image paths are relative to the image root; if this records file is trusted, set " \
+           "data.allow_images_outside_root: true, or allow_outside_root=True)"
+    if Path(image).is_absolute():
+        raise RecordError(f"{where}: image path {image!r} is absolute {hint}")
+    file = root / image
+    real_root, real_file = real_root or root.resolve(), file.resolve()
+    if not real_file.is_relative_to(real_root):
+        raise RecordError(f"{where}: image path {image!r} leads outside the image root {real_root} (to {real_file}) {hint}")
+    return file
+
+
+def _image_files(located: Sequence[tuple[str, dict]], root: Path, allow_outside_root: bool) -> dict[Path, str]:
+    """Each image file the records name (checked by ``image_file``), with the first record naming it.
+    Three records usually share one image: each path is resolved, and each file opened, once."""
+    real_root = root.resolve()
+    named: dict[str, Path] = {}
+    files: dict[Path, str] = {}
+    for where, record in located:
+        if record["image"] not in named:
+            named[record["image"]] = image_file(record["image"], where, root, allow_outside_root, real_root)
+            files.setdefault(named[record["image"]], where)
+    return files
+
+
+def image_problem(file: Path, decode: bool = False) -> str | None:
+    """None if ``file`` is a readable image, else why not. Always PIL's ``verify``: the header and,
+    for PNG, every chunk's checksum up to the end marker, with no pixel decoded (cheap enough for
+    every load). ``decode=True`` then also decodes every pixel (``data --check``); neither check
+    implies the other (a PNG cut after its pixel data decodes, but fails ``verify``)."""
+    try:
+        with Image.open(file) as image:
+            image.verify()
+        if decode:
+            with Image.open(file) as image:  # verify() leaves the image unusable: open it again
+                image.load()
+    except FileNotFoundError:
+        return "image file does not exist"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL: not an image, truncated
+        return str(err) or type(err).__name__
+    return None
+
+
+def _image_problems(files: dict[Path, str], decode: bool) -> list[str]:
+    return [f"{where}: image {file}: {problem}" for file, where in files.items()
+            if (problem := image_problem(file, decode)) is not None]
 
 
 def load_records(
@@ -107,13 +165,14 @@ def load_records(
     tasks: Sequence[str] | None = None,
     check_images: bool = True,
     image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
 ) -> list[dict]:
     """Read and validate every record of a .json array or .jsonl file, then keep ``tasks`` only.
 
-    Image paths are relative to ``image_root`` (default: the records file's folder) and must exist
-    when ``check_images``.
+    Image paths are relative to ``image_root`` (default: the records file's folder) and must stay
+    inside it (``image_file``); with ``check_images`` every image must exist and open as an image.
     """
-    return [record for _, record in load_located_records(path, tasks, check_images, image_root)]
+    return [record for _, record in load_located_records(path, tasks, check_images, image_root, allow_outside_root)]
 
 
 def load_located_records(
@@ -121,35 +180,39 @@ def load_located_records(
     tasks: Sequence[str] | None = None,
     check_images: bool = True,
     image_root: str | Path | None = None,
+    allow_outside_root: bool = False,
 ) -> list[tuple[str, dict]]:
-    """``load_records`` with each record's location (``"<file>: line N"``), for later error messages."""
+    """``load_records`` with each record's location (``"<file>: line N"``), for later error messages.
+
+    With ``check_images``, every image's header is read now (``image_problem``), so a file that is
+    missing, truncated or not an image fails the load, naming it, instead of a batch mid-training."""
     _check_tasks(tasks)
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     located = []
     for where, record in _parse(path):
-        validate_record(record, where, root if check_images else None)
+        validate_record(record, where)
         located.append((where, record))
+    files = _image_files(located, root, allow_outside_root)
+    if check_images and (problems := _image_problems(files, decode=False)):
+        raise RecordError(
+            f"{path}: {len(problems)} of {len(files)} image(s) cannot be read: "
+            + "; ".join(problem.removeprefix(f"{path}: ") for problem in problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + f". List them all: python -m unified_vlm data --check {path}")
     if tasks is not None:
         located = [(w, r) for w, r in located if r["task"] in tasks]
     return located
 
 
-def check_record_images(path: str | Path, image_root: str | Path | None = None) -> list[str]:
-    """Decode every image a records file names; one ``"<file>: line N: image ...: problem"`` per bad one.
+def check_record_images(path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False) -> list[str]:
+    """Decode every image a records file names; one ``"<file>: line N: image ...: problem"`` per bad image.
 
-    Catches what a file-exists check cannot (a truncated or corrupt PNG) before training starts."""
+    Deeper than the header check of every load: every pixel is decoded, as training will."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
-    problems = []
-    for where, record in load_located_records(path, check_images=False, image_root=root):
-        image = root / record["image"]
-        try:
-            with Image.open(image) as raw:
-                raw.load()
-        except (OSError, SyntaxError, ValueError) as err:
-            problems.append(f"{where}: image {image}: {err}")
-    return problems
+    located = load_located_records(path, check_images=False, image_root=root, allow_outside_root=allow_outside_root)
+    return _image_problems(_image_files(located, root, allow_outside_root), decode=True)
 
 
 def check_prompt_lengths(located: Sequence[tuple[str, dict]], collator: Any) -> None:
@@ -195,11 +258,13 @@ class RecordDataset(torch.utils.data.Dataset):
         tasks: Sequence[str] | None = None,
         image_root: str | Path | None = None,
         image_size: int | None = None,
+        allow_outside_root: bool = False,
     ) -> None:
         self.path = Path(path)
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.image_size = image_size
-        located = load_located_records(self.path, tasks=tasks, check_images=True, image_root=self.image_root)
+        located = load_located_records(self.path, tasks=tasks, check_images=True, image_root=self.image_root,
+                                       allow_outside_root=allow_outside_root)
         self.locations = [where for where, _ in located]
         self.records = [record for _, record in located]
         if not self.records:

@@ -285,6 +285,7 @@ class UnifiedDataModule(L.LightningDataModule):
         test_records: Optional[str] = None,
         predict_prompts: Optional[str] = None,
         image_root: Optional[str] = None,
+        allow_images_outside_root: bool = False,  # absolute image paths, or ones leaving image_root (docs/data.md)
         num_train_watches: int = 20000,
         num_val_watches: int = 64,
         num_test_watches: int = 200,
@@ -351,7 +352,8 @@ class UnifiedDataModule(L.LightningDataModule):
 
         h = self.hparams
         if records is not None:
-            dataset = RecordDataset(records, tasks=list(tasks), image_root=h.image_root, image_size=h.image_size)
+            dataset = RecordDataset(records, tasks=list(tasks), image_root=h.image_root, image_size=h.image_size,
+                                    allow_outside_root=h.allow_images_outside_root)
             if self.collator is not None and hasattr(self.collator, "num_tokens"):  # too long: say so now, not at its batch
                 dataset.check_lengths(self.collator.num_tokens, self.collator.max_length)
             return TensorImages(dataset)

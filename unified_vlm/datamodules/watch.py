@@ -60,10 +60,14 @@ class WatchStyle:
 
     ``icons``: ``default`` (the procedural icons below) or ``flat`` (another design: an orange sun
     with a ring of dots, an outlined white cloud, a blue-grey cloud with rain streaks).
-    ``battery_color``: the fill bar colour, one of BATTERY_COLORS. ``font``: the battery text in
-    PIL's scalable default font (11 px at 224, at least 6), the same font at 14 px (``large``, at
-    least 8, so it differs at 64 px too), or PIL's old
-    fixed-size bitmap font (``bitmap``, what the paper's PIL drew), all scaled with the canvas. ``render``:
+    ``battery_color``: the fill bar colour, one of BATTERY_COLORS. ``font``: the battery text.
+    ``default`` is Pillow's scalable default font, Aileron Regular (``ImageFont.load_default(size=)``,
+    which needs FreeType), at 11 px at 224 (at least 6); ``large`` the same font at 14 px (at least 8,
+    so it differs at 64 px too); ``bitmap`` Pillow's old fixed 11 px bitmap font
+    (``load_default_imagefont()``, what ``load_default()`` returned before Pillow 10.1), drawn at 224
+    and resized. All scale with the canvas. The paper's generator called ``load_default()`` under
+    Pillow 10.4: Aileron at its default 10 px, not the bitmap font. ``default`` draws the same face
+    1 px larger; it stays so, as changing it would change every picture and the assets trained on them. ``render``:
     ``native`` draws at the requested size; ``downscale`` draws at 224 px and resizes with BICUBIC,
     as a pipeline that stores 224 px pictures and lets the image processor resize them does.
     """
