@@ -179,6 +179,8 @@ def main() -> None:
     p.add_argument("--every", type=int, default=100)
     p.add_argument("--val-watches", type=int, default=64)
     p.add_argument("--cfg", default="1", help="comma list of guidance scales to draw with (1 = none)")
+    p.add_argument("--temperatures", default=None,
+                   help="comma list of image sampling temperatures to draw with, each at every --cfg scale (default: the config's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--seed", type=int, default=0)
@@ -193,8 +195,10 @@ def main() -> None:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     try:
         scales = [float(s) for s in args.cfg.split(",")]
+        temperatures = [None] if args.temperatures is None else [float(t) for t in args.temperatures.split(",")]
     except ValueError:
-        p.error(f"--cfg must be a comma list of numbers, got {args.cfg!r}")
+        p.error(f"--cfg and --temperatures must be comma lists of numbers, got {args.cfg!r}, {args.temperatures!r}")
+    draws = {(f"cfg{scale:g}" + ("" if t is None else f"_t{t:g}")): (scale, t) for scale in scales for t in temperatures}
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -247,19 +251,19 @@ def main() -> None:
             row["image_loss"] = gain["image_loss"]
             row.update({k: v for k, v in gain.items() if k.startswith("prompt_gain")})
             model.eval()
-            for scale in scales:
-                images = generate_images(model, val, cfg_scale=scale)
+            for name, (scale, temperature) in draws.items():
+                sampling = {"cfg_scale": scale} if temperature is None else {"cfg_scale": scale, "image_temperature": temperature}
+                images = generate_images(model, val, **sampling)
                 drawn = [(img, r) for img, r in zip(images, val) if img is not None]
                 faith = score_generation(reader, torch.stack([i.float() for i, _ in drawn]), [r for _, r in drawn])
-                row[f"cfg{scale:g}"] = {k: v for k, v in faith.items() if isinstance(v, float)}
+                row[name] = {k: v for k, v in faith.items() if isinstance(v, float)}
             if probing_vqa:
                 row["vqa"] = {kind: exact_match(model, batches) for kind, batches in probes.items()}
             model.train()
         line = (f"step {step:5d}  loss {loss:.3f}  image {row['image_loss']:.3f}  gain {row['prompt_gain']:+.3f} ("
                 + " ".join(f"{k.split('/')[1]} {v:+.3f}" for k, v in row.items() if k.startswith("prompt_gain/")) + ")")
-        for scale in scales:
-            faith = row[f"cfg{scale:g}"]
-            line += f"  | cfg {scale:g}: " + " ".join(f"{k} {v:.2f}" for k, v in faith.items())
+        for name in draws:
+            line += f"  | {name}: " + " ".join(f"{k} {v:.2f}" for k, v in row[name].items())
         if "vqa" in row:
             line += "  | vqa: " + " ".join(f"{k} {v:.2f}" for k, v in row["vqa"].items())
         print(line + f"  {seconds:.0f} s", flush=True)
