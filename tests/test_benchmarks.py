@@ -64,3 +64,25 @@ def test_generation_speed_runs_on_a_checkpoint(tmp_path, tiny_vq_dir, monkeypatc
     load("generation_speed").main()
     out = capsys.readouterr().out
     assert "of 4 watches in" in out and "reader Fréchet distance" in out
+
+
+def test_generation_binding_with_a_curriculum_vqa_and_temperatures_then_its_plot(tmp_path, monkeypatch, capsys):
+    import json
+
+    bench = load("generation_binding")
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["generation_binding.py", "--steps", "2", "--every", "2", "--val-watches", "4", "--batch-size", "4",
+                                      "--vqa-share", "0.5", "--curriculum-steps", "1", "--temperatures", "1,0.5", "--out", str(out)])
+    bench.main()
+    (row,) = [json.loads(line) for line in (out / "curves.jsonl").read_text().splitlines()]
+    assert row["step"] == 2 and set(row["vqa"]) == {"weather", "time", "battery", "battery_pos", "weather_pos"}
+    for draw in ("cfg1_t1", "cfg1_t0.5"):
+        assert 0.0 <= row[draw]["total"] <= 1.0 and 0.0 <= row[draw]["is_watch"] <= 1.0
+    assert "curriculum 1 steps (all, position" in capsys.readouterr().out
+
+    plot = load("binding_curves")
+    monkeypatch.setattr(sys, "argv", ["binding_curves.py", str(out), "--draw", "cfg1_t0.5", "--label", "run=tiny", "--out",
+                                      str(tmp_path / "curves.png")])
+    plot.main()
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "tiny" in capsys.readouterr().out
