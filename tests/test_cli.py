@@ -38,7 +38,7 @@ def tiny_overrides(tmp_path: Path, vq_dir: str, config: Path = MAIN_CONFIG) -> P
             "sampling": {"max_new_tokens": 4},
         },
         "data": {"image_size": 16, "num_train_watches": 8, "num_val_watches": 2, "num_test_watches": 3, "global_batch_size": 4,
-                 "num_workers": 0, "eval_batch_size": 8},
+                 "num_workers": 0, "eval_batch_size": 8, "curriculum": {"steps": 1}},
         "trainer": {
             "max_steps": 3, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
             "default_root_dir": str(tmp_path),

@@ -97,7 +97,7 @@ def test_bad_curricula_are_refused_naming_the_key(collator, tmp_path):
         Curriculum(steps=3, prompts="some")
     with pytest.raises(CurriculumError, match="data.curriculum.steps"):
         Curriculum(steps=-1)
-    with pytest.raises(CurriculumError, match="excludes"):
+    with pytest.raises(CurriculumError, match="weighs only task.*excludes"):
         UnifiedDataModule(collator=collator, mode="understanding", curriculum={"steps": 2, "proportions": {"generation": 1.0}})
     with pytest.raises(CurriculumError, match="train_records"):
         UnifiedDataModule(collator=collator, curriculum={"steps": 2}, train_records=str(tmp_path / "records.json"))
@@ -110,3 +110,11 @@ def test_no_curriculum_is_the_default_and_stays_out_of_the_hyper_parameters(coll
     dm = make(collator)
     assert dm.curriculum == Curriculum() and dm.hparams.curriculum is None
     assert make(collator, curriculum={"steps": 2}).hparams.curriculum["steps"] == 2
+
+
+def test_a_task_specific_run_of_the_shared_config_warms_up_on_its_own_tasks(collator):
+    """The shipped curriculum weighs vqa and generation; an understanding-only run keeps the vqa part."""
+    dm = make(collator, mode="understanding", curriculum={"steps": 4, "proportions": {"vqa": 0.5, "generation": 0.5}})
+    head = records_in_order(dm)[:16]
+    assert {r["task"] for r in head} == {"vqa"}
+    assert all(t["value"] in CORNERS for r in head for t in r["conversations"][1::2])

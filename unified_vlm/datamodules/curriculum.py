@@ -35,8 +35,8 @@ class Curriculum:
 
     Args:
         steps: optimizer steps trained on the curriculum's data (0: no curriculum).
-        proportions: task weights during the stage (default: ``data.proportions``); tasks must be
-            ones ``data.mode`` trains.
+        proportions: task weights during the stage (default: ``data.proportions``); tasks that
+            ``data.mode`` does not train are left out, so one config serves every regime.
         prompts: generation prompts during the stage: ``all`` (every attribute stated) or ``paper``.
         questions: VQA turns during the stage: ``position`` (corner questions only) or ``paper``.
     """
@@ -75,12 +75,18 @@ class Curriculum:
         return cls(**value)
 
     def check(self, tasks: tuple[str, ...], mode: str) -> None:
-        """Refuse proportions that name a task ``data.mode`` does not train, or that keep none."""
+        """Refuse proportions that keep none of the tasks ``data.mode`` trains (see ``proportions_for``)."""
+        if self.steps and self.proportions is not None and not self.proportions_for(tasks):
+            raise CurriculumError(f"{KEY}.proportions {dict(self.proportions)} weighs only task(s) that data.mode={mode!r} excludes; "
+                                  f"tasks: {list(tasks)}")
+
+    def proportions_for(self, tasks: tuple[str, ...]) -> Optional[dict[str, float]]:
+        """The stage's proportions over the tasks a run trains: a task-specific run of a shared config
+        keeps its own tasks' weights (an understanding-only run warms up on corner questions alone).
+        ``None``: ``data.proportions`` applies."""
         if self.proportions is None:
-            return
-        unknown = sorted(set(self.proportions) - set(tasks))
-        if unknown:
-            raise CurriculumError(f"{KEY}.proportions names task(s) {unknown} that data.mode={mode!r} excludes; tasks: {list(tasks)}")
+            return None
+        return {task: weight for task, weight in self.proportions.items() if task in tasks and weight > 0}
 
     def to_dict(self) -> Optional[dict]:
         """Plain data for the hyper-parameters; ``None`` when there is no curriculum."""

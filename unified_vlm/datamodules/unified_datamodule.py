@@ -322,7 +322,7 @@ class UnifiedDataModule(L.LightningDataModule):
         self.curriculum.check(MODES[mode], mode)
         if self.curriculum.steps and train_records is not None:
             raise CurriculumError(f"data.curriculum writes its own records of the streamed training watches, and data.train_records "
-                                  f"reads {train_records}; unset one of them")
+                                  f"reads {train_records}; unset one of them (--data.curriculum null trains on the file alone)")
         curriculum = self.curriculum.to_dict()
         self.save_hyperparameters(ignore=["collator"])
         self.mode, self.proportions = mode, proportions
@@ -410,7 +410,8 @@ class UnifiedDataModule(L.LightningDataModule):
         prefix = None
         if self.curriculum.steps:
             main = len(dataset.records.first)
-            stage = TaskMixSampler(tasks[main:], self.curriculum.proportions or self.proportions, chunk=chunk, seed=self.hparams.seed + 1,
+            stage_proportions = self.curriculum.proportions_for(MODES[self.mode]) or self.proportions
+            stage = TaskMixSampler(tasks[main:], stage_proportions, chunk=chunk, seed=self.hparams.seed + 1,
                                    lengths=lengths[main:] if lengths else None, length_pool=self.hparams.length_pool)
             needed = self.curriculum.steps * self.hparams.global_batch_size
             if needed > main:
