@@ -102,15 +102,26 @@ def test_skip_drops_non_finite_batches_and_the_run_finishes(tmp_path, tiny_vq_di
 
 
 class PoisonOnce(L.Callback):
-    """A NaN loss at one step only: the input is poisoned, the weights are not."""
+    """A NaN loss at one step only: the language model's input embeddings are poisoned for that
+    step, the weights are not. (NaN pixels would not do: a generation-only batch turns its pixels
+    into integer VQ codes, and its loss stays finite.)"""
 
     def __init__(self, step: int) -> None:
         self.step = step
+        self._hook = None
+
+    def poisoned(self, trainer) -> bool:
+        return trainer.global_step == self.step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            batch["und_pixel_values"] = batch["und_pixel_values"] * float("nan") if batch.get("und_pixel_values") is not None else None
-            batch["gen_pixel_values"] = batch["gen_pixel_values"] * float("nan") if batch.get("gen_pixel_values") is not None else None
+        if self.poisoned(trainer):
+            embeddings = pl_module.lm.get_input_embeddings()
+            self._hook = embeddings.register_forward_hook(lambda module, args, output: output * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
 
 def test_non_finite_parameters_are_named():

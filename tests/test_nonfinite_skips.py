@@ -2,25 +2,18 @@
 finishing with exit 0 and a checkpoint; the number skipped is reported at the end."""
 from __future__ import annotations
 
-import lightning as L
 import pytest
-from test_checkpoint_safety import config
+from test_checkpoint_safety import PoisonOnce, config
 
 from unified_vlm.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from unified_vlm.cli import main
 
 
-class PoisonFrom(L.Callback):
-    """A NaN loss at every step from ``step`` on (the input is poisoned, the weights are not)."""
+class PoisonFrom(PoisonOnce):
+    """A NaN loss at every step from ``step`` on (the inputs are poisoned, the weights are not)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            for key in ("und_pixel_values", "gen_pixel_values"):
-                if batch.get(key) is not None:
-                    batch[key] = batch[key] * float("nan")
+    def poisoned(self, trainer) -> bool:
+        return trainer.global_step >= self.step
 
 
 def test_skipping_most_batches_stops_the_run(tmp_path, tiny_vq_dir):
