@@ -73,6 +73,18 @@ def test_regimes_follow_the_papers_step_arithmetic(tmp_path):
     seed2 = next(p for p in tiny if p.id == "architecture=siglip_vq__regime=understanding_step__seed=2")
     assert seed2.config["seed_everything"] == 2 and seed2.id in seed2.config["trainer"]["default_root_dir"]
 
+    # With a curriculum, its stage and the mix after it shrink by their own shares: 600 steps of
+    # {vqa 0.5, generation 0.5}, then 1,800 of {vqa 0.4, caption 0.2, generation 0.4}.
+    learned = plan_cells(load_spec(ROOT / "configs/experiments/tiny_learned_mixed_vs_specific.yaml"), tmp_path / "learned")
+    assert steps_of(learned, "architecture=siglip_vq__regime=mixed__seed=0") == 2400
+    understanding = next(p for p in learned if p.id == "architecture=siglip_vq__regime=understanding_epoch__seed=0")
+    assert understanding.config["trainer"]["max_steps"] == 300 + 1080
+    assert understanding.config["data"]["curriculum"]["steps"] == 300
+    generation = next(p for p in learned if p.id == "architecture=vq_vq__regime=generation_epoch__seed=1")
+    assert generation.config["trainer"]["max_steps"] == 300 + 720 and generation.config["data"]["curriculum"]["steps"] == 300
+    same_steps = next(p for p in learned if p.id == "architecture=siglip_vq__regime=generation_step__seed=0")
+    assert same_steps.config["trainer"]["max_steps"] == 2400 and same_steps.config["data"]["curriculum"]["steps"] == 600
+
     paper = plan_cells(load_spec(ROOT / "configs/experiments/paper_mixed_vs_specific.yaml"), tmp_path,
                        [c for c in load_spec(ROOT / "configs/experiments/paper_mixed_vs_specific.yaml").cells() if c.labels["seed"] == "42"
                         and c.labels["architecture"] == "vq_vq"])

@@ -7,6 +7,7 @@ own resolved config (docs/paper.md 3.2, 3.3).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -172,9 +173,11 @@ def regime_overrides(regime: str, config) -> tuple[dict[str, Any], list[str]]:
 
     ``*_step``: as many optimiser steps as the mixed run. ``*_epoch``: the mixed run's steps times
     the share of its training draws that the regime's tasks make up (by ``data.proportions`` when
-    set, else by record counts): the same records, seen as often as the mixed run sees them.
-    Both set ``trainer.max_epochs: -1`` so that the smaller dataset does not end the run early.
+    set, else by record counts): the same records, seen as often as the mixed run sees them. With a
+    ``data.curriculum``, its stage and the mix after it shrink by their own shares (the stage's
+    ``steps`` is overridden). Both set ``trainer.max_epochs: -1`` so that the smaller dataset does not end the run early.
     """
+    from unified_vlm.datamodules.curriculum import Curriculum
     from unified_vlm.datamodules.unified_datamodule import MODES
 
     data, trainer = config["data"], config["trainer"]
@@ -223,10 +226,29 @@ def regime_overrides(regime: str, config) -> tuple[dict[str, Any], list[str]]:
         basis = f"record counts {counts}"
     if share <= 0:
         raise ValueError(f"the mixed data holds no {mode} record ({basis}): the {regime} run would have no data")
-    target = steps if kind == "step" else max(1, round(steps * share))
-    notes.append(f"{regime}: {mode} tasks are {share:.4f} of the mixed draws ({basis}) -> "
-                 + (f"{target} steps (equal steps)" if kind == "step" else f"{steps} x {share:.4f} = {target} steps (equal epochs)"))
     overrides: dict[str, Any] = {"data.mode": mode}
+    curriculum = Curriculum.coerce(data.get("curriculum"))
+    warm = min(curriculum.steps, steps)
+    if kind == "step":
+        target = steps
+        notes.append(f"{regime}: {target} steps (equal steps)")
+    elif warm:
+        # The curriculum draws its own mix for its first steps: the regime sees as many of its
+        # records as the mixed run in each stage, so both stages shrink by their own share.
+        stage = curriculum.proportions or proportions
+        if stage is None:
+            warm_share = share
+        else:
+            warm_share = sum(stage.get(t, 0.0) for t in tasks) / sum(stage.values())
+        warm_target = round(warm * warm_share)
+        target = max(1, warm_target + round((steps - warm) * share))
+        notes.append(f"{regime}: {mode} tasks are {warm_share:.4f} of the curriculum's draws ({stage or basis}) and {share:.4f} "
+                     f"of the mixed draws after it ({basis}) -> {warm} x {warm_share:.4f} + {steps - warm} x {share:.4f} = "
+                     f"{target} steps (equal epochs), {warm_target} of them the curriculum")
+        overrides["data.curriculum"] = {**dataclasses.asdict(curriculum), "steps": warm_target} if warm_target else None
+    else:
+        target = max(1, round(steps * share))
+        notes.append(f"{regime}: {mode} tasks are {share:.4f} of the mixed draws ({basis}) -> {steps} x {share:.4f} = {target} steps (equal epochs)")
     if restricted is not None:
         overrides["data.proportions"] = restricted
     overrides.update({"trainer.max_steps": target, "trainer.max_epochs": -1})

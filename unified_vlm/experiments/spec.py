@@ -322,7 +322,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
                 raise SpecError(f"{spec_path}: {key} is set by both {owner[key]} and axis {axis.name!r}; keep one")
             owner[key] = f"axis {axis.name!r}"
     if any(a.kind == "regime" for a in axes):
-        for key in ("data.mode", "data.proportions", "trainer.max_steps", "trainer.max_epochs"):
+        for key in ("data.mode", "data.proportions", "data.curriculum", "trainer.max_steps", "trainer.max_epochs"):
             if owner.get(key, "fixed") != "fixed":
                 raise SpecError(f"{spec_path}: {key} is set by {owner[key]} and by the regime axis (derived per cell); remove it from the axis")
         if "data.mode" in fixed:
