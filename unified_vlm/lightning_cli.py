@@ -18,7 +18,7 @@ from unified_vlm.precision import resolve_precision
 log = logging.getLogger(__name__)
 
 # Model settings that do not change the network: a checkpoint is usable under any values of these.
-NOT_ARCHITECTURE = {"sampling", "optim", "text_loss_average", "text_tokenizer"}
+NOT_ARCHITECTURE = {"sampling", "optim", "text_loss_average", "text_tokenizer", "checkpoint_weights"}
 NOT_ARCHITECTURE_NESTED = {"encoder": {"freeze"}, "backbone": {"gradient_checkpointing"},
                            "image_output": {"loss_weight", "prompt_dropout"}}
 
@@ -41,18 +41,48 @@ class UnifiedTrainer(L.Trainer):
         super().__init__(*args, precision=resolve_precision(precision, kwargs.get("accelerator", "auto")), **kwargs)
 
 
-def architecture_differences(saved: dict, configured: dict) -> list[str]:
+# Where a model's frozen base weights are read from. A trainable-only checkpoint checks the weights
+# themselves (a fingerprint, models/trainable_checkpoint.py), so these may move.
+BASE_PATHS = (("encoder", "weights"), ("backbone", "options", "path"), ("image_output", "tokenizer"))
+
+
+def _base_path(model: dict, keys: tuple[str, ...]):
+    value = model
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def missing_base_paths(model: dict) -> list[str]:
+    """``model.<key>=<path>`` for each base-weights path of ``model`` that does not exist."""
+    out = []
+    for keys in BASE_PATHS:
+        value = _base_path(model, keys)
+        if isinstance(value, str) and value != "builtin" and not Path(value).exists():
+            out.append(f"model.{'.'.join(keys)}={value}")
+    return out
+
+
+def architecture_differences(saved: dict, configured: dict, base_paths_may_move: bool = False) -> list[str]:
     """``model.<key>: checkpoint X, config Y`` for every setting that shapes the network and differs.
 
     Only settings the checkpoint records are compared: one written before a setting existed
-    (e.g. ``image_output.head_options``) was made with its default."""
+    (e.g. ``image_output.head_options``) was made with its default. With ``base_paths_may_move``
+    (a trainable-only checkpoint) the ``BASE_PATHS`` are not compared."""
     out = []
+    moved = {keys[0]: keys[1:] for keys in BASE_PATHS} if base_paths_may_move else {}
     for key in sorted(saved):
         if key in NOT_ARCHITECTURE or key.startswith("_"):
             continue
         a, b = saved.get(key), configured.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            skip = NOT_ARCHITECTURE_NESTED.get(key, set())
+            skip = set(NOT_ARCHITECTURE_NESTED.get(key, set()))
+            rest = moved.get(key, ())
+            if len(rest) == 1:
+                skip.add(rest[0])
+            elif len(rest) == 2:  # a path inside an options mapping
+                a = {**a, rest[0]: {k: v for k, v in (a.get(rest[0]) or {}).items() if k != rest[1]}}
+                b = {**b, rest[0]: {k: v for k, v in (b.get(rest[0]) or {}).items() if k != rest[1]}}
             for sub in sorted(a):
                 if sub not in skip and _plain(a.get(sub)) != _plain(b.get(sub)):
                     out.append(f"model.{key}.{sub}: checkpoint {a.get(sub)!r}, config {b.get(sub)!r}")
@@ -104,8 +134,9 @@ class UnifiedCLI(LightningCLI):
 
         # Every --ckpt_path is read here first, with tensors and plain data only (weights_only): a file that
         # would run code, or a truncated one, is refused naming the file before Lightning loads it.
-        saved = load_checkpoint(ckpt_path).get("hyper_parameters", {})
-        saved = {k: v for k, v in saved.items() if not k.startswith("_")}
+        checkpoint = load_checkpoint(ckpt_path)
+        trainable_only = bool(checkpoint.get("trainable_only"))
+        saved = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
         if not saved:
             return
         configured = self.config[sub].model.as_dict()
@@ -113,8 +144,16 @@ class UnifiedCLI(LightningCLI):
         gave_model = bool(self.config[sub].get("config")) or any(
             a == "--model" or a.startswith(("--model=", "--model.")) and not a.startswith("--model.sampling.")
             for a in self._argv)
+        if trainable_only:
+            missing = missing_base_paths(configured if gave_model else saved)
+            if missing:
+                raise CommandRefused(
+                    f"checkpoint {ckpt_path} holds only the trainable weights (model.checkpoint_weights: trainable); the "
+                    f"frozen base is read from {', '.join(missing)}, which does not exist. Give its new location with the "
+                    "run's config, e.g. --config $RUN/config.yaml --model.backbone.options.path NEW_DIR (the weights there "
+                    "are checked against the checkpoint's fingerprint)")
         if gave_model:
-            differences = architecture_differences(saved, configured)
+            differences = architecture_differences(saved, configured, base_paths_may_move=trainable_only)
             if differences:
                 raise ValueError(
                     f"checkpoint {ckpt_path} holds a different model than the config:\n  " + "\n  ".join(differences)

@@ -15,6 +15,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from unified_vlm.models import trainable_checkpoint
+
 log = logging.getLogger(__name__)
 
 FREEZABLE = ("und_projector", "gen_projector", "und_token_embedding", "gen_token_embedding", "und_feature_norm", "head", "lm", "lora")
@@ -91,6 +93,8 @@ def load_model_weights(model: nn.Module, path: str) -> int:
     must be present with the same shape; otherwise nothing is loaded and the error names them.
     """
     state, checkpoint = read_state_dict(path)
+    if isinstance(checkpoint, dict) and checkpoint.get("state_dict") is state:
+        trainable_checkpoint.restore(model, checkpoint, source=f"model.init_from {path}")
     own = model.state_dict()
     mine = {k for k in own if not k.startswith(DISTORTION_PREFIX)}
     theirs = {k for k in state if not k.startswith(DISTORTION_PREFIX)}

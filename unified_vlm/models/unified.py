@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from unified_vlm.chat_format import ChatFormat, check_prompt_dropout
-from unified_vlm.models import generation, losses, parameter_table, staged
+from unified_vlm.models import generation, losses, parameter_table, staged, trainable_checkpoint
 from unified_vlm.models.backbones import apply_training_policy
 from unified_vlm.models.builders import (
     build_encoder,
@@ -78,6 +78,9 @@ class UnifiedVLM(L.LightningModule):
             step); loaded at fit start unless the fit resumes from its own checkpoint.
         freeze: modules that get no gradient and stay in eval mode: und_projector, gen_projector,
             und_token_embedding, und_feature_norm, head, lm (all of it) or lora (its adapters).
+        checkpoint_weights: ``all`` (every weight) or ``trainable`` (the frozen parameters are left
+            out and rebuilt from the model's own base files at load, after a fingerprint check;
+            ``trainable_checkpoint.py``): for LoRA on a large frozen backbone.
 
     ``chat_format`` encodes conversations for this model (the data module batches records in it);
     ``record_tasks`` is what ``test_step``/``predict_step`` run (see ``test_step``).
@@ -99,6 +102,7 @@ class UnifiedVLM(L.LightningModule):
         und_distortion: Optional[DistortionSpec] = None,
         init_from: Optional[str] = None,
         freeze: Optional[list[str]] = None,
+        checkpoint_weights: str = "all",
     ) -> None:
         super().__init__()
         encoder, backbone = coerce(EncoderSpec, encoder), coerce(BackboneSpec, backbone)
@@ -120,6 +124,7 @@ class UnifiedVLM(L.LightningModule):
                 "und_distortion": None if und_distortion is None else to_primitive(coerce(DistortionSpec, und_distortion)),
                 "init_from": init_from,
                 "freeze": None if freeze is None else list(freeze),
+                "checkpoint_weights": checkpoint_weights,
             }
         )
         self.optim_spec, self.sampling_spec = optim, sampling
@@ -172,6 +177,7 @@ class UnifiedVLM(L.LightningModule):
         self.chat_format = ChatFormat(self.tokenizer, self.encoder.num_tokens, self.output_space.num_tokens, max_length)
         self.record_tasks: Optional[Callable[["UnifiedVLM", list[dict]], dict]] = None
         self.init_from = init_from
+        self.checkpoint_weights = trainable_checkpoint.check_mode(checkpoint_weights)
         self.frozen = staged.check_freeze_names(self, freeze)
         staged.freeze(self, self.frozen)
         self.train()  # Lightning does not call train() before fitting: put frozen parts in eval mode now
@@ -378,8 +384,11 @@ class UnifiedVLM(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["text_tokenizer_json"] = tokenizer_to_json(self.tokenizer)
+        if self.checkpoint_weights == "trainable":
+            trainable_checkpoint.prune(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainable_checkpoint.restore(self, checkpoint)  # a trainable-only checkpoint gets this model's frozen base
         saved = checkpoint.get("text_tokenizer_json")
         if saved is not None and saved != tokenizer_to_json(self.tokenizer):
             log.warning("using the text tokenizer stored in the checkpoint (it differs from the configured one)")
