@@ -10,6 +10,7 @@ import lightning as L
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+import unified_vlm.fsdp  # noqa: F401  (registers --trainer.strategy unified_fsdp)
 from unified_vlm.callbacks import EvaluationReport, GenerationProbe, NonFiniteLossGuard, PredictionWriter, RunCheckpoint, VQAProbe
 from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
 from unified_vlm.models.unified import UnifiedVLM
@@ -194,11 +195,34 @@ class UnifiedCLI(LightningCLI):
         model = self.config[self.subcommand].get("model")
         prepare_builtin_assets(model.as_dict() if hasattr(model, "as_dict") else dict(model or {}))
 
+    def _refuse_what_fsdp_cannot_run(self) -> None:
+        from unified_vlm.fsdp import DECODING_REFUSED, decoding_settings_refused, is_fsdp
+
+        if not is_fsdp(self.trainer.strategy):
+            return
+        if self.trainer.strategy.root_device.type == "cpu":
+            raise CommandRefused("FSDP needs a GPU here (torch's FullyShardedDataParallel refuses CPU devices); "
+                                 "on CPUs use --trainer.strategy ddp")
+        if getattr(self.model, "checkpoint_weights", "all") == "trainable":
+            raise CommandRefused("model.checkpoint_weights: trainable is not supported under FSDP (each rank holds a shard "
+                                 "of the frozen base, whose fingerprint the checkpoint records); use all, or DDP for LoRA runs")
+        refused = decoding_settings_refused(self.subcommand, self.config[self.subcommand])
+        if refused:
+            raise CommandRefused(f"{DECODING_REFUSED}. Turn it off: {' '.join(refused)}; then score the saved "
+                                 "checkpoint with test under --trainer.strategy ddp (or on one device)")
+
+    def before_test(self) -> None:
+        self._refuse_what_fsdp_cannot_run()
+
+    def before_predict(self) -> None:
+        self._refuse_what_fsdp_cannot_run()
+
     def before_fit(self) -> None:
         """With ``test_after_fit``, what the post-fit test needs (``data.test_records`` and its images, the
         watch reader that scores the generated watches, the Inception weights) is checked now: a missing or
         broken file fails before training, not after it. (The train and val records are checked when
-        ``setup("fit")`` loads them.)"""
+        ``setup("fit")`` loads them.) Under FSDP, what it cannot run is refused first."""
+        self._refuse_what_fsdp_cannot_run()
         if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.fast_dev_run:
             return
         data = getattr(self.datamodule, "hparams", {})
