@@ -24,6 +24,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "probe": ("unified_vlm.evaluation.probes:main", "linear probe + t-SNE of one image token's adapter outputs by attribute"),
     "experiment": ("unified_vlm.experiments.runner:main", "run the cells of an experiment file (resumable; --dry-run, --workers, SLURM)"),
     "report": ("unified_vlm.experiments.report:main", "tables (mean ± std over seeds) and figures of an experiment's cells"),
+    "memory": ("unified_vlm.models.memory:main", "parameters per module and GPU memory per device (DDP/FSDP, full/LoRA), no weights read"),
     "export": ("unified_vlm.models.export:main", "a run's model as a Hugging Face backbone dir (LoRA merged) + parts, tokenizer, config"),
 }
 LIGHTNING = {

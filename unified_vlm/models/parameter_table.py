@@ -32,8 +32,8 @@ def rows(model) -> list[dict[str, Any]]:
 
 def format_rows(table: list[dict[str, Any]]) -> str:
     """The table as aligned text, with a total line."""
-    lines = [f"{'module':<18}{'policy':<14}{'trainable':>12}{'frozen':>12}"]
+    lines = [f"{'module':<22}{'policy':<14}{'trainable':>14}{'frozen':>15}"]
     for r in table:
-        lines.append(f"{r['module']:<18}{r['policy']:<14}{r['trainable']:>12,}{r['frozen']:>12,}")
-    lines.append(f"{'total':<32}{sum(r['trainable'] for r in table):>12,}{sum(r['frozen'] for r in table):>12,}")
+        lines.append(f"{r['module']:<22}{r['policy']:<14}{r['trainable']:>14,}{r['frozen']:>15,}")
+    lines.append(f"{'total':<36}{sum(r['trainable'] for r in table):>14,}{sum(r['frozen'] for r in table):>15,}")
     return "\n".join(lines)
