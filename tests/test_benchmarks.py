@@ -86,3 +86,14 @@ def test_generation_binding_with_a_curriculum_vqa_and_temperatures_then_its_plot
     plot.main()
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "tiny" in capsys.readouterr().out
+
+
+def test_train_mfu_runs(monkeypatch, capsys):
+    bench = load("train_mfu")
+    monkeypatch.setattr(sys, "argv", ["train_mfu.py", "--steps", "3", "--warmup", "1", "--peak-seconds", "0.05"])
+    bench.main()
+    out = capsys.readouterr().out
+    mfu = float(out.split("MFU vs model-shape peak")[1].split("%")[0])
+    assert 0 < mfu < 100
+    assert "padding (share of computed token positions)" in out and "data engine" in out
+    assert "forward: decoder" in out and "backward" in out
