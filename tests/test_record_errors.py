@@ -129,3 +129,14 @@ def test_feature_regression_takes_its_loss_type_from_the_config(tiny_model_kwarg
     assert model.head.loss_type == "mse"
     with pytest.raises(ValueError, match="loss_type"):
         UnifiedVLM(**{**tiny_model_kwargs, "image_output": {**image_output, "head_options": {"loss_type": "l1"}}})
+
+
+def test_fit_on_a_malformed_records_file_exits_2_naming_it(tmp_path, tiny_vq_dir, capsys):
+    from test_checkpoint_safety import config
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": "x", "image": "nope.png", "conversations": []}]')
+    args = config(tmp_path, tiny_vq_dir, "bad") + ["--data.train_records", str(bad), "--data.curriculum", "null"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: element 0: missing required field(s)" in err and "Traceback" not in err

@@ -124,6 +124,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from unified_vlm.callbacks.checkpoint import TrainingInterrupted
+    from unified_vlm.datamodules.records import RecordError
     from unified_vlm.files import CheckpointError
     from unified_vlm.lightning_cli import CommandRefused, run_lightning_cli
 
@@ -133,6 +134,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: --ckpt_path {err}", file=sys.stderr)
         return 2
     except CommandRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RecordError as err:  # data.train_records / val_records / test_records: the file and record named
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stopped:  # fit saved last.ckpt at the signal
