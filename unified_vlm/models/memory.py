@@ -223,15 +223,21 @@ def estimate(model: nn.Module, devices: int, batch: int, seq: int, strategy: str
     return Estimate(strategy, policy, weights / GIB, grads / GIB, optim / GIB, activation_bytes(model, batch, seq) / GIB)
 
 
-def report(config_path: str | Path, devices: Optional[int] = None, text_tokens: int = 128) -> tuple[list[dict], list[Estimate]]:
-    """(parameter table of the configured model, memory estimates for ddp/fsdp x its policy and the other)."""
+def devices_and_batch(config_path: str | Path, devices: Optional[int] = None) -> tuple[int, int]:
+    """(devices in all, per-device batch) of a fit config: trainer.devices x num_nodes unless
+    ``devices`` is given, and global batch / (devices x accumulation)."""
     raw = yaml.safe_load(Path(config_path).read_text()) or {}
     trainer, data = raw.get("trainer") or {}, raw.get("data") or {}
     if devices is None:
         d = trainer.get("devices", 1)
         devices = (d if isinstance(d, int) and d > 0 else 1) * int(trainer.get("num_nodes") or 1)
     accumulate = int(trainer.get("accumulate_grad_batches") or 1)
-    batch = max(1, int(data.get("global_batch_size", 1)) // (devices * accumulate))
+    return devices, max(1, int(data.get("global_batch_size", 1)) // (devices * accumulate))
+
+
+def report(config_path: str | Path, devices: Optional[int] = None, text_tokens: int = 128) -> tuple[list[dict], list[Estimate]]:
+    """(parameter table of the configured model, memory estimates for ddp/fsdp x its policy and the other)."""
+    devices, batch = devices_and_batch(config_path, devices)
     model_cfg = model_config(config_path)
     configured = (model_cfg.get("backbone") or {}).get("train", "full")
     other = "full" if configured == "lora" else "lora"
@@ -280,10 +286,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (UnknownArchitecture, ValueError) as err:
         print(f"error: {args.config}: {err}", file=sys.stderr)
         return 2
-    raw: dict[str, Any] = yaml.safe_load(Path(args.config).read_text()) or {}
-    trainer = raw.get("trainer") or {}
-    d = trainer.get("devices", 1)
-    devices = args.devices or (d if isinstance(d, int) and d > 0 else 1) * int(trainer.get("num_nodes") or 1)
-    batch = max(1, int((raw.get("data") or {}).get("global_batch_size", 1)) // (devices * int(trainer.get("accumulate_grad_batches") or 1)))
+    devices, batch = devices_and_batch(args.config, args.devices)
     print(format_report(args.config, table, estimates, devices, batch))
     return 0
