@@ -97,3 +97,11 @@ def test_train_mfu_runs(monkeypatch, capsys):
     assert 0 < mfu < 100
     assert "padding (share of computed token positions)" in out and "data engine" in out
     assert "forward: decoder" in out and "backward" in out
+
+
+def test_decode_speed_runs_and_cached_tokens_match(monkeypatch, capsys):
+    bench = load("decode_speed")
+    monkeypatch.setattr(sys, "argv", ["decode_speed.py", "--batches", "2", "--image-sizes", "64"])
+    bench.main()
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[0] == "64" and row[1] == "2" and row[5] == "True"  # the cached loop draws the recomputed tokens

@@ -1,0 +1,116 @@
+"""Image decoding against its limit: the KV-cached loop against full recompute, and one cached step
+against the FLOP bound of its matmuls.
+
+    python benchmarks/decode_speed.py --config configs/tiny_siglip_vq.yaml
+
+For 64 image tokens (the config's 8x8 VQ grid) and 256 (the same VQ architecture at 128 px, 16x16,
+untrained: speed does not depend on the weights), at batch 8 and 64: the wall time of drawing one
+image per prompt with the KV cache, and at batch 8 with every step recomputing the whole sequence
+(the paper's loop), with greedy image tokens so that both must give the same tokens (checked and
+printed). "cached step / bound" divides the time of one cached decoding step by the FLOPs of that
+step (decoder matmuls, attention over the context, the image head) at the matmul peak measured here
+at the step's shapes (batch x hidden x intermediate). Prints a table; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+import yaml
+
+from unified_vlm.assets import require_builtin
+from unified_vlm.models.unified import UnifiedVLM
+from unified_vlm.models.vq_tokenizer import CONFIG_NAME, VQTokenizer, VQTokenizerConfig
+from unified_vlm.precision import auto_precision
+
+PROMPT = "Draw a smart watch showing 10:08:30, with weather displayed at top-left."
+
+
+def model_with_grid(config: dict, image_size: int, directory: Path) -> UnifiedVLM:
+    """The config's model with its VQ architecture at ``image_size`` (random weights)."""
+    vq = json.loads((Path(require_builtin("vq")) / CONFIG_NAME).read_text())
+    vq["image_size"] = image_size
+    torch.manual_seed(0)
+    path = directory / f"vq{image_size}"
+    VQTokenizer(VQTokenizerConfig.from_dict(vq)).save_pretrained(path)
+    model_config = copy.deepcopy(config["model"])
+    model_config["image_output"]["tokenizer"] = str(path)
+    model_config["sampling"] = {**model_config.get("sampling", {}), "image_temperature": 0.0}
+    return UnifiedVLM(**model_config).eval()
+
+
+def linear_params(module: torch.nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def step_flops(model: UnifiedVLM, batch: int, context: int) -> float:
+    config = model.lm.config
+    body = linear_params(model.decoder)
+    attention = 2 * 2 * config.hidden_size * config.num_hidden_layers * context
+    return batch * (2 * body + attention + 2 * linear_params(model.head) + 2 * linear_params(model.gen_projector))
+
+
+def matmul_peak(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * m * k * n * count / (time.perf_counter() - start)
+
+
+def draw(model: UnifiedVLM, batch: int, use_cache: bool, autocast: bool):
+    prompt = model.chat_format.encode_prompt([{"from": "human", "value": PROMPT}], 0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        start = time.perf_counter()
+        out = model.generate([prompt] * batch, image_policy="force", use_cache=use_cache)
+        elapsed = time.perf_counter() - start
+    return elapsed, torch.stack([o.image_tokens for o in out]), len(prompt)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/tiny_siglip_vq.yaml")
+    p.add_argument("--batches", default="8,64")
+    p.add_argument("--image-sizes", default="64,128", help="VQ input sizes: 64 px = 64 tokens, 128 px = 256")
+    p.add_argument("--no-recompute", action="store_true", help="skip the full-recompute loop")
+    args = p.parse_args()
+    config = yaml.safe_load(open(args.config))
+    precision, _ = auto_precision("cpu")
+    bf16 = precision == "bf16-mixed"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    print(f"config {args.config}  precision {precision}  threads {torch.get_num_threads()}")
+    print(f"{'tokens':>6} {'batch':>5} {'cached s':>9} {'recompute s':>12} {'speed-up':>9} {'same tokens':>12} "
+          f"{'cached step ms':>15} {'bound ms':>9} {'step/bound':>11}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (int(s) for s in args.image_sizes.split(",")):
+            model = model_with_grid(config, size, Path(tmp))
+            tokens = model.output_space.num_tokens
+            draw(model, 2, True, bf16)  # warm-up
+            for batch in (int(b) for b in args.batches.split(",")):
+                cached, cached_tokens, prompt_len = draw(model, batch, True, bf16)
+                recompute = same = None
+                if batch == min(int(b) for b in args.batches.split(",")) and not args.no_recompute:
+                    recompute, full_tokens, _ = draw(model, batch, False, bf16)
+                    same = bool(torch.equal(cached_tokens, full_tokens))
+                step = cached / (tokens + 2)  # image tokens plus IMAGE_START and IMAGE_END steps
+                h, i = model.lm.config.hidden_size, model.lm.config.intermediate_size
+                bound = step_flops(model, batch, prompt_len + tokens // 2) / matmul_peak(batch, h, i, dtype)
+                print(f"{tokens:>6} {batch:>5} {cached:>9.2f} "
+                      f"{'-' if recompute is None else f'{recompute:.2f}':>12} "
+                      f"{'-' if recompute is None else f'{recompute / cached:.1f}x':>9} {'-' if same is None else str(same):>12} "
+                      f"{step * 1e3:>15.2f} {bound * 1e3:>9.3f} {step / bound:>10.0f}x")
+
+
+if __name__ == "__main__":
+    main()
