@@ -18,7 +18,7 @@ def watches(split: str, n: int, size: int = 64):
 
 @pytest.mark.skipif(shipped("watch_tokenizer") is None, reason="no shipped tokenizer")
 def test_shipped_tokenizer_is_what_build_assets_trains():
-    from unified_vlm.pretraining.text_tokenizer import watch_text_corpus
+    from unified_vlm.pretraining.train_text_tokenizer import watch_text_corpus
     from unified_vlm.text_tokenizer import load_text_tokenizer, tokenizer_to_json, train_text_tokenizer
 
     assert tokenizer_to_json(load_text_tokenizer(shipped("watch_tokenizer"))) == tokenizer_to_json(

@@ -117,8 +117,8 @@ def test_missing_builtin_assets_are_trained_under_fit(tmp_path, monkeypatch, tin
     import shutil
 
     import unified_vlm.assets as assets
-    from unified_vlm.pretraining import encoder as encoder_job
-    from unified_vlm.pretraining import vq as vq_job
+    from unified_vlm.pretraining import pretrain_encoder as encoder_job
+    from unified_vlm.pretraining import train_vq as vq_job
 
     monkeypatch.setenv("UNIFIED_VLM_CACHE", str(tmp_path / "cache"))
     package = tmp_path / "package_assets"  # only the text tokenizer and the reader are "shipped"

@@ -9,7 +9,7 @@ import torch
 from unified_vlm.cli import main as cli_main
 from unified_vlm.files import publish_dir
 from unified_vlm.models.encoders import OPTIONS_FILE, SiglipEncoder
-from unified_vlm.pretraining.contrastive import (
+from unified_vlm.pretraining.pretrain_contrastive import (
     TEXT_TOWER_DIR,
     SigmoidContrastiveModule,
     WatchCaptionDataModule,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from unified_vlm.datamodules.watch import WatchAttributes, sample_watch
 from unified_vlm.models.encoders import OPTIONS_FILE, ClipEncoder, SiglipEncoder, TimmEncoder
-from unified_vlm.pretraining.encoder import (
+from unified_vlm.pretraining.pretrain_encoder import (
     OUTPUTS,
     TOKEN_CHANNELS,
     AttributePretrainModule,

@@ -15,7 +15,7 @@ from unified_vlm.models.feature_decoder import (
     watch_images,
 )
 from unified_vlm.models.output_spaces import FeatureOutputSpace, build_feature_output_space
-from unified_vlm.pretraining.feature_decoder import FeatureDecoderModule
+from unified_vlm.pretraining.train_feature_decoder import FeatureDecoderModule
 from unified_vlm.registry import ENCODERS
 
 SIZE = 32

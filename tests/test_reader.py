@@ -119,7 +119,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_training_batches_and_augmentation():
-    from unified_vlm.pretraining.reader import ReaderTrainConfig, augment, make_batch
+    from unified_vlm.pretraining.train_reader import ReaderTrainConfig, augment, make_batch
 
     cfg = ReaderTrainConfig(batch_size=32, negative_fraction=0.25, sizes=(64,), size_weights=(1.0,),
                             vq_fraction=1.0, blur_fraction=1.0, noise_fraction=1.0, jpeg_fraction=1.0, jitter_fraction=1.0)
@@ -186,7 +186,7 @@ def test_shipped_reader_meets_the_targets_on_fresh_renders(size):
 
 @needs_reader
 def test_shipped_reader_rejects_non_watches():
-    from unified_vlm.pretraining.reader import _negative
+    from unified_vlm.pretraining.train_reader import _negative
 
     rng = random.Random(123)
     images = [_negative(rng, 64, i) for i in range(60)]

@@ -8,7 +8,7 @@ import torch
 
 from unified_vlm.models.quantizers import FSQQuantizer, fsq_levels_for
 from unified_vlm.models.vq_tokenizer import VQTokenizer, VQTokenizerConfig
-from unified_vlm.pretraining.vq import (
+from unified_vlm.pretraining.train_vq import (
     VQTokenizerModule,
     WatchImageDataModule,
     WatchImageDataset,

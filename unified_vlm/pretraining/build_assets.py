@@ -38,17 +38,17 @@ def build_part(part: str, directory: str | Path, minutes: Optional[float] = None
     def write(tmp: str) -> None:
         with torch_threads(threads), own_hyperparameters():
             if part == "tokenizer":
-                from unified_vlm.pretraining.text_tokenizer import train_watch_tokenizer
+                from unified_vlm.pretraining.train_text_tokenizer import train_watch_tokenizer
 
                 train_watch_tokenizer().save_pretrained(tmp)
             elif part == "encoder":
-                from unified_vlm.pretraining.encoder import format_table, pretrain
+                from unified_vlm.pretraining.pretrain_encoder import format_table, pretrain
 
                 with tempfile.TemporaryDirectory() as logs:
                     metrics = pretrain(tmp, minutes=minutes, image_size=image_size, log_dir=logs)
                 log.warning("watch encoder pretrained:\n%s", format_table(metrics))
             elif part == "vq":
-                from unified_vlm.pretraining.vq import train_vq_tokenizer
+                from unified_vlm.pretraining.train_vq import train_vq_tokenizer
 
                 tokenizer, metrics = train_vq_tokenizer(None, max_minutes=minutes, image_size=image_size)
                 tokenizer.save_pretrained(tmp)

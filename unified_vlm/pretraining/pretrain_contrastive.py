@@ -1,6 +1,6 @@
 """SigLIP-style sigmoid-contrastive pretraining of the watch encoder on (watch image, caption) pairs.
 
-A download-free alternative to the supervised attribute pretraining of ``pretraining/encoder.py``:
+A download-free alternative to the supervised attribute pretraining of ``pretraining/pretrain_encoder.py``:
 the vision tower is the same ``SiglipEncoder`` (same options and defaults, ``feature_select=
 "pooled+patch"``), so the saved directory is a drop-in ``encoder.weights`` for any config.
 

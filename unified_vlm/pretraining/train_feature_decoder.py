@@ -43,7 +43,7 @@ class FeatureDecoderModule(L.LightningModule):
     """Trains a :class:`FeatureDecoder` to reconstruct watches from a frozen encoder's features.
 
     Loss: detail-weighted L1 + ``mse_weight`` x MSE + ``edge_weight`` x edge loss (the pixel
-    losses of the VQ tokenizer, ``pretraining/vq.py``; ``detail_weight=0``, ``edge_weight=0`` give plain
+    losses of the VQ tokenizer, ``pretraining/train_vq.py``; ``detail_weight=0``, ``edge_weight=0`` give plain
     L1 + MSE). PSNR (on clamped outputs) is logged, not optimised. ``feature_noise`` adds
     Gaussian noise of that RMS to the normalised features during training (1.0 = the features'
     own RMS; 0.3 keeps a cosine of about 0.96 with the clean token), a knob for robustness to
@@ -93,7 +93,7 @@ class FeatureDecoderModule(L.LightningModule):
 
     def compute_loss(self, images: Tensor, features: Tensor | None = None, noise: float = 0.0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """(loss, parts incl. psnr, reconstruction) for images (B, 3, S, S) in [0, 1]."""
-        from unified_vlm.pretraining.vq import detail_weights, edge_loss
+        from unified_vlm.pretraining.train_vq import detail_weights, edge_loss
 
         feats = self.features(images) if features is None else features
         if noise > 0:
@@ -196,7 +196,7 @@ def train_feature_decoder(
     encoder's input size). ``decoder_kwargs`` go to :class:`FeatureDecoderConfig`, the rest to
     :class:`FeatureDecoderModule`. Returns the decoder (CPU, eval) and the final validation metrics.
     """
-    from unified_vlm.pretraining.vq import WatchImageDataModule
+    from unified_vlm.pretraining.train_vq import WatchImageDataModule
 
     with torch_threads(threads):
         if out_dir is not None:
