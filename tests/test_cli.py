@@ -146,6 +146,17 @@ def test_evaluate_refuses_what_it_cannot_score(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", str(empty), "--test-records", str(records)])
     assert "no generation records" in capsys.readouterr().err
+    # an image outside the records' folder: refused, naming the option that trusts the file
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = elsewhere / "vqa_outside.jsonl"
+    outside.write_text(records.read_text().replace('"a.png"', json.dumps(str(tmp_path / "a.png"))))
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(empty), "--test-records", str(outside)])
+    assert "--allow-images-outside-root" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # trusted: the path passes, the next check speaks
+        main(["evaluate", str(empty), "--test-records", str(outside), "--allow-images-outside-root"])
+    assert "no generation records" in capsys.readouterr().err
 
 
 def test_vqa_probe_rejects_a_negative_record_count():

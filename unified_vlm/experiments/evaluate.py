@@ -46,16 +46,19 @@ def checkpoints_of(run_dir: Path, which: str) -> list[Path]:
     return sorted(found, key=order)
 
 
-def check_test_records(path: Optional[str], need_generation: bool) -> None:
-    """A LLaVA-schema test file must exist and, for generation metrics, hold generation records."""
+def check_test_records(path: Optional[str], need_generation: bool, allow_outside_root: bool = False) -> None:
+    """A LLaVA-schema test file must load (its images inside its folder unless ``allow_outside_root``,
+    each readable) and, for generation metrics, hold generation records."""
     if path is None:
         return
-    from unified_vlm.datamodules.records import RecordError, load_records
+    from unified_vlm.datamodules.records import RecordError, load_located_records
 
     try:
-        records = load_records(path)
+        records = [record for _, record in load_located_records(path, allow_outside_root=allow_outside_root)]
     except (RecordError, OSError) as err:
-        raise EvaluateError(f"--test-records: {err}") from err
+        hint = "" if allow_outside_root or "outside" not in str(err) else \
+            " (a file you trust whose images live elsewhere: pass --allow-images-outside-root)"
+        raise EvaluateError(f"--test-records: {err}{hint}") from err
     if need_generation and not any(r.get("task") == "generation" for r in records):
         raise EvaluateError(
             f"{path} has no generation records, so no generation metric can be computed: add records with "
@@ -85,7 +88,8 @@ def flat_row(scores: dict) -> dict:
 
 
 def evaluate_run(run_dir: str | Path, which: str = "all", test_records: Optional[str] = None,
-                 skip_generation: bool = False, extra_args: Sequence[str] = ()) -> list[dict]:
+                 skip_generation: bool = False, extra_args: Sequence[str] = (),
+                 allow_images_outside_root: bool = False) -> list[dict]:
     """Test each checkpoint of ``run_dir``; returns the rows written to ``evaluation.csv``/``.json``."""
     from unified_vlm.files import CheckpointError
     from unified_vlm.lightning_cli import run_lightning_cli
@@ -94,7 +98,7 @@ def evaluate_run(run_dir: str | Path, which: str = "all", test_records: Optional
     config = run / "config.yaml"
     if not config.is_file():
         raise EvaluateError(f"{config} not found: evaluate needs the config.yaml that fit saves in its run directory")
-    check_test_records(test_records, need_generation=not skip_generation)
+    check_test_records(test_records, need_generation=not skip_generation, allow_outside_root=allow_images_outside_root)
     rows = []
     for ckpt in checkpoints_of(run, which):
         out = run / "evaluation" / ckpt.stem
@@ -104,6 +108,8 @@ def evaluate_run(run_dir: str | Path, which: str = "all", test_records: Optional
                     "--trainer.default_root_dir", str(out), "--report.scores_file", SCORES_FILE]
             if test_records is not None:
                 args += ["--data.test_records", test_records]
+                if allow_images_outside_root:
+                    args += ["--data.allow_images_outside_root", "true"]
             if skip_generation:
                 args += ["--report.reader", "null"]
             try:
@@ -136,9 +142,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--checkpoints", choices=("all", "last"), default="all")
     p.add_argument("--test-records", default=None, help="a LLaVA-schema test file instead of the config's test split")
     p.add_argument("--skip-generation", action="store_true", help="understanding and captions only (no watch reader)")
+    p.add_argument("--allow-images-outside-root", action="store_true",
+                   help="--test-records is trusted: its images may lie outside its folder (absolute paths, .., symlinks)")
     args, extra = p.parse_known_args(argv)
     try:
-        rows = evaluate_run(args.run_dir, args.checkpoints, args.test_records, args.skip_generation, extra)
+        rows = evaluate_run(args.run_dir, args.checkpoints, args.test_records, args.skip_generation, extra,
+                            args.allow_images_outside_root)
     except EvaluateError as err:
         p.error(str(err))
     print(f"scored {len(rows)} checkpoint(s): {Path(args.run_dir) / 'evaluation.csv'}")
