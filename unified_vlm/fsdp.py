@@ -17,6 +17,8 @@ from typing import Any
 from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 from torch import nn
 
+from unified_vlm.models.parameter_table import frozen_towers
+
 NAME = "unified_fsdp"
 DECODING_REFUSED = (
     "decoding under FSDP: the decoder layers are sharded, so every rank must run the same forward calls in "
@@ -36,17 +38,6 @@ def decoder_layer_classes(lm: nn.Module) -> set[type[nn.Module]]:
         raise ValueError(f"BackboneFSDP: no decoder layers found in the backbone {type(lm).__name__} (no _no_split_modules and "
                          "no `layers` ModuleList); give trainer.strategy an explicit auto_wrap_policy instead")
     return found
-
-
-def frozen_towers(model: nn.Module) -> list[nn.Module]:
-    """The model's vision towers that train nothing (``encoder``, ``output_space``)."""
-    out = []
-    for name in ("encoder", "output_space"):
-        module = getattr(model, name, None)
-        params = list(module.parameters()) if module is not None else []
-        if params and not any(p.requires_grad for p in params):
-            out.append(module)
-    return out
 
 
 def is_fsdp(strategy) -> bool:

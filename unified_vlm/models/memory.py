@@ -212,9 +212,9 @@ def activation_bytes(model: nn.Module, batch: int, seq: int) -> float:
 def estimate(model: nn.Module, devices: int, batch: int, seq: int, strategy: str, policy: str) -> Estimate:
     """Memory per device (GiB) of training ``model`` under ``strategy`` (ddp | fsdp)."""
     params = list({id(p): p for p in model.parameters()}.values())
-    towers = [m for m in (model.encoder, model.output_space)
-              if not any(p.requires_grad for p in m.parameters())]
-    tower_ids = {id(p) for m in towers for p in m.parameters()}
+    from unified_vlm.models.parameter_table import frozen_towers
+
+    tower_ids = {id(p) for m in frozen_towers(model) for p in m.parameters()}
     trainable = [p for p in params if p.requires_grad]
     shard = devices if strategy == "fsdp" else 1
     weights = _bytes(p for p in params if id(p) in tower_ids) + _bytes(p for p in params if id(p) not in tower_ids) / shard

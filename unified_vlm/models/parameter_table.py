@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 
 def rows(model) -> list[dict[str, Any]]:
     """Trainable and frozen parameter counts per top-level module of ``model``, with its policy
@@ -37,3 +39,15 @@ def format_rows(table: list[dict[str, Any]]) -> str:
         lines.append(f"{r['module']:<22}{r['policy']:<14}{r['trainable']:>14,}{r['frozen']:>15,}")
     lines.append(f"{'total':<36}{sum(r['trainable'] for r in table):>14,}{sum(r['frozen'] for r in table):>15,}")
     return "\n".join(lines)
+
+
+def frozen_towers(model: nn.Module) -> list[nn.Module]:
+    """The model's vision towers that train nothing (``encoder``, ``output_space``): what FSDP keeps
+    replicated and what the memory estimate does not shard."""
+    out = []
+    for name in ("encoder", "output_space"):
+        module = getattr(model, name, None)
+        params = list(module.parameters()) if module is not None else []
+        if params and not any(p.requires_grad for p in params):
+            out.append(module)
+    return out
