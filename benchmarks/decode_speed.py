@@ -28,8 +28,9 @@ import torch
 import yaml
 
 from unified_vlm.assets import require_builtin
+from unified_vlm.models.part_files import CONFIG_NAME
 from unified_vlm.models.unified import UnifiedVLM
-from unified_vlm.models.vq_tokenizer import CONFIG_NAME, VQTokenizer, VQTokenizerConfig
+from unified_vlm.models.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 from unified_vlm.precision import auto_precision
 
 PROMPT = "Draw a smart watch showing 10:08:30, with weather displayed at top-left."

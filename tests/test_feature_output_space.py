@@ -6,8 +6,6 @@ import pytest
 import torch
 
 from unified_vlm.models.feature_decoder import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
     FeatureDecoder,
     FeatureDecoderConfig,
     NearestNeighbourRenderer,
@@ -15,6 +13,7 @@ from unified_vlm.models.feature_decoder import (
     watch_images,
 )
 from unified_vlm.models.output_spaces import FeatureOutputSpace, build_feature_output_space
+from unified_vlm.models.part_files import CONFIG_NAME, WEIGHTS_NAME
 from unified_vlm.pretraining.train_feature_decoder import FeatureDecoderModule
 from unified_vlm.registry import ENCODERS
 

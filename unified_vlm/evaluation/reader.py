@@ -37,14 +37,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from unified_vlm.datamodules.watch import CORNER_ANCHORS_224, CORNERS, REFERENCE_SIZE, WEATHERS
+from unified_vlm.models.part_files import WEIGHTS_NAME, load_part_weights, read_part_config, save_part
 
 READER_ASSET = "watch_reader"  # directory name under unified_vlm/assets (and the cache)
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 CORNER_CLASSES = ("none",) + WEATHERS + ("battery",)
 HANDS = ("hour", "minute", "second")
 POLAR_RADII = (0.08, 0.98)  # inner and outer radius sampled, in face radii
@@ -287,35 +285,16 @@ class WatchReader(nn.Module):
     # -------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None) -> None:
         """``config.json`` (architecture, plus ``metadata`` under "training") and ``model.safetensors``."""
-        os.makedirs(directory, exist_ok=True)
-        config = asdict(self.config)
-        config = {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
-        payload = {"config": config, "training": metadata or {}}
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
+        save_part(directory, {"config": config, "training": metadata or {}}, self)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "WatchReader":
         """Load a reader written by :meth:`save_pretrained` (or ``train-reader --out``); eval mode."""
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"watch reader file {path} not found: a reader directory holds {CONFIG_NAME} and {WEIGHTS_NAME}, "
-                    "as written by `python -m unified_vlm train-reader --out DIR` (or use the built-in: load_reader('builtin'))"
-                )
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            payload = json.load(f)
+        payload = read_part_config(directory, "watch reader", "`python -m unified_vlm train-reader --out DIR` "
+                                   "(or use the built-in: load_reader('builtin'))")
         model = cls(WatchReaderConfig.from_dict(payload["config"]))
-        state = load_file(os.path.join(directory, WEIGHTS_NAME))
-        from unified_vlm.models.vq_tokenizer import state_dict_mismatch
-
-        problems = state_dict_mismatch(model.state_dict(), state)
-        if problems:
-            raise ValueError(f"reader weights in {directory} do not match its {CONFIG_NAME}: {', '.join(problems)}")
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+        load_part_weights(model, directory, "watch reader", as_float=True)
         model.training_info = payload.get("training", {})
         return model.eval()
 

@@ -43,8 +43,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from unified_vlm.models.part_files import CONFIG_NAME, WEIGHTS_NAME, load_part_weights, read_part_config, save_part
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ __all__ = [
     "watch_images",
 ]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 INPUT_NORMS = ("l2", "layer", "none")
 PROBE_SPLIT, PROBE_SEED = "val", 0  # the watches whose features a decoder remembers (encoder check)
 ENCODER_MATCH_COSINE = 0.98
@@ -141,29 +140,6 @@ def _group_norm_groups(channels: int) -> int:
         if channels % groups == 0:
             return groups
     return 1
-
-
-def _check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], directory: Any) -> None:
-    """Raise a ValueError that says how saved weights differ from the architecture in config.json."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [
-        f"{k}: saved {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if found[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if shapes:
-        problems.append(f"shape mismatches {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
-    if problems:
-        raise ValueError(
-            f"feature decoder weights in {directory} do not match the architecture in its {CONFIG_NAME} "
-            f"(wrong files or an edited config): {'; '.join(problems)}"
-        )
 
 
 # ---------------------------------------------------------------------------------------- decoder
@@ -391,33 +367,16 @@ class FeatureDecoder(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, **info: Any) -> None:
         """Write ``config.json`` (architecture, plus ``info`` such as the encoder and metrics under
         "info") and ``model.safetensors`` into ``directory`` (created if needed)."""
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump({**asdict(self.config), "info": info}, f, indent=2, sort_keys=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        save_part(directory, {**asdict(self.config), "info": info}, self)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> FeatureDecoder:
         """Load a decoder written by :meth:`save_pretrained`; returned in eval mode."""
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(
-                f"feature decoder directory {str(directory)!r} does not exist "
-                "(train one with `python -m unified_vlm train-feature-decoder --out DIR`)"
-            )
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(
-                    f"feature decoder file {os.path.join(directory, name)} not found (a decoder directory needs "
-                    f"{CONFIG_NAME} and {WEIGHTS_NAME}, as written by FeatureDecoder.save_pretrained)"
-                )
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            data = json.load(f)
+        data = read_part_config(directory, "feature decoder",
+                                "FeatureDecoder.save_pretrained or `python -m unified_vlm train-feature-decoder --out DIR`")
         data.pop("info", None)
         model = cls(FeatureDecoderConfig.from_dict(data))
-        state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(map_location))
-        _check_state_dict(model.state_dict(), state, directory)
-        model.load_state_dict(state)
+        load_part_weights(model, directory, "feature decoder", str(map_location))
         return model.to(map_location).eval()
 
     @staticmethod

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unified_vlm.models.part_files import state_dict_mismatch
+
 __all__ = ["LlamaGenVQ", "LlamaGenVQConfig", "load_llamagen_state_dict"]
 
 CODEBOOK_USED = "quantize.codebook_used"  # LlamaGen's training-only usage buffer; optional on load
@@ -367,8 +369,6 @@ def load_llamagen_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def _check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], path: Any, config: LlamaGenVQConfig) -> None:
     """Raise a ValueError that says how the file differs from the configured architecture."""
-    from unified_vlm.models.vq_tokenizer import state_dict_mismatch
-
     problems = state_dict_mismatch(expected, found)
     if problems:
         raise ValueError(f"{path} does not hold a LlamaGen VQ-16 of this config ({asdict(config)}): {', '.join(problems)}")

@@ -114,7 +114,8 @@ def _vq_architecture(path):
     """A ``train-vq`` directory's tokenizer without its weights (its config.json only)."""
     import json
 
-    from unified_vlm.models.vq_tokenizer import CONFIG_NAME, VQTokenizer, VQTokenizerConfig
+    from unified_vlm.models.part_files import CONFIG_NAME
+    from unified_vlm.models.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 
     config = Path(path) / CONFIG_NAME
     return VQTokenizer(VQTokenizerConfig.from_dict(json.loads(config.read_text()))) if config.is_file() else None

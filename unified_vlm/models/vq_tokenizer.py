@@ -8,23 +8,19 @@ registered quantizer (see ``quantizers.py``), by default the l2-normalised 8-d "
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import unified_vlm.models.quantizers  # noqa: F401  (registers the quantizers)
+from unified_vlm.models.part_files import CONFIG_NAME, WEIGHTS_NAME, load_part_weights, read_part_config, save_part
 from unified_vlm.registry import QUANTIZERS
 
 __all__ = ["VQTokenizerConfig", "VQTokenizer", "CONFIG_NAME", "WEIGHTS_NAME"]
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -227,61 +223,15 @@ class VQTokenizer(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed)."""
-        os.makedirs(directory, exist_ok=True)
         config = asdict(self.config)
         config["channels"] = list(config["channels"])
-        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        save_part(directory, config, self)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "VQTokenizer":
         """Load a tokenizer written by :meth:`save_pretrained`; returned in eval mode."""
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"VQ tokenizer file {path} not found (a tokenizer directory needs {CONFIG_NAME} and {WEIGHTS_NAME}, "
-                    "as written by VQTokenizer.save_pretrained or `python -m unified_vlm train-vq --out DIR`)"
-                )
-        with open(os.path.join(directory, CONFIG_NAME)) as f:
-            config = VQTokenizerConfig.from_dict(json.load(f))
-        model = cls(config)
-        state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(map_location))
-        _check_state_dict(model.state_dict(), state, directory)
-        model.load_state_dict(state)
+        config = read_part_config(directory, "VQ tokenizer",
+                                  "VQTokenizer.save_pretrained or `python -m unified_vlm train-vq --out DIR`")
+        model = cls(VQTokenizerConfig.from_dict(config))
+        load_part_weights(model, directory, "VQ tokenizer", str(map_location))
         return model.to(map_location).eval()
-
-
-def state_dict_mismatch(expected: dict[str, Tensor], found: dict[str, Tensor]) -> list[str]:
-    """How ``found`` differs from ``expected``: missing and unexpected keys, shape mismatches
-    (each list cut at 8 entries); empty when they match."""
-    def cut(items: list[str]) -> str:
-        return f"{items[:8]}{' ...' if len(items) > 8 else ''} ({len(items)} in all)"
-
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(found))
-        if found[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {cut(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {cut(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatches {cut(shapes)}")
-    return problems
-
-
-def _check_state_dict(expected: dict[str, Tensor], found: dict[str, Tensor], directory: Any) -> None:
-    """Raise a ValueError that says how the saved weights differ from the configured architecture."""
-    problems = state_dict_mismatch(expected, found)
-    if problems:
-        raise ValueError(
-            f"weights in {directory} do not match the architecture in its {CONFIG_NAME} "
-            f"(wrong architecture or an edited config): {', '.join(problems)}"
-        )

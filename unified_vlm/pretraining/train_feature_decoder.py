@@ -19,15 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unified_vlm.models.feature_decoder import (
-    CONFIG_NAME,
     INPUT_NORMS,
-    WEIGHTS_NAME,
     FeatureDecoder,
     FeatureDecoderConfig,
     encode_watches,
     normalize_tokens,
     watch_images,
 )
+from unified_vlm.models.part_files import CONFIG_NAME, WEIGHTS_NAME
 from unified_vlm.pretraining.common import (
     BudgetCosine,
     adamw_without_norm_decay,

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from unified_vlm.datamodules.watch import render_watch, sample_watch
-from unified_vlm.models.vq_tokenizer import CONFIG_NAME, WEIGHTS_NAME, VQTokenizer, VQTokenizerConfig
+from unified_vlm.models.part_files import CONFIG_NAME, WEIGHTS_NAME
+from unified_vlm.models.vq_tokenizer import VQTokenizer, VQTokenizerConfig
 from unified_vlm.pretraining.common import (
     BudgetCosine,
     adamw_without_norm_decay,
