@@ -28,6 +28,7 @@ from torch import Tensor
 
 from unified_vlm.datamodules.watch import BACKGROUND, CORNERS, face_geometry, render_watch, sample_watch
 from unified_vlm.evaluation.reader import CORNER_CLASSES, WatchReader, WatchReaderConfig, hand_columns, reader_accuracy
+from unified_vlm.pretraining.common import cosine_with_warmup
 
 log = logging.getLogger(__name__)
 
@@ -261,13 +262,6 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_reader(cfg: ReaderTrainConfig) -> tuple[WatchReader, dict]:
     """Train a reader as ``cfg`` says; returns it (eval mode) and the final validation metrics."""
     from unified_vlm.models.builders import build_vq_tokenizer
@@ -298,7 +292,7 @@ def train_reader(cfg: ReaderTrainConfig) -> tuple[WatchReader, dict]:
             batch = make_batch(step, cfg, rng)
             images = augment(batch["image"], cfg, gen, vq)
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps, total_steps)
+                group["lr"] = cfg.lr * cosine_with_warmup(step, cfg.warmup_steps, total_steps, floor=0.02)
             with autocast:
                 loss, parts = losses(reader, batch, images)
             opt.zero_grad(set_to_none=True)
