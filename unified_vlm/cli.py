@@ -2,6 +2,10 @@
 
 Tool subcommands map to plain ``main(argv)`` functions (litgpt style); training subcommands go
 through LightningCLI so every YAML key is type-checked against the code that consumes it.
+The tools keep argparse on purpose: a parser that jsonargparse (4.53) derives from a typed
+function spells flags with underscores (``--max_steps``), takes required parameters as
+positionals, lists as ``[32,64]`` and switches as ``--flag true``, so moving them would change
+every tool's documented command line (``--max-steps``, ``--channels 32,64``, ``--no-progress-bar``).
 """
 from __future__ import annotations
 
