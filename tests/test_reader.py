@@ -146,6 +146,52 @@ def test_training_batches_and_augmentation():
     assert torch.equal(clean, batch["image"])
 
 
+def test_training_draws_styles_but_never_a_held_out_one(monkeypatch):
+    import unified_vlm.pretraining.train_reader as job
+    from unified_vlm.datamodules.watch import DEFAULT_STYLE
+
+    drawn = []
+    real = job.render_watch
+    monkeypatch.setattr(job, "render_watch", lambda attrs, size, style=DEFAULT_STYLE: drawn.append(style) or real(attrs, size, style))
+    cfg = job.ReaderTrainConfig(batch_size=64, negative_fraction=0.0, sizes=(32,), size_weights=(1.0,),
+                                style_fraction=0.5, hold_out=("icons=paper", "battery_color=purple"))
+    for step in range(4):
+        job.make_batch(step, cfg, random.Random(step))
+    styled = [s for s in drawn if s != DEFAULT_STYLE]
+    assert 0.3 < len(styled) / len(drawn) < 0.8
+    assert {s.icons for s in styled} == {"default", "flat"} and "purple" not in {s.battery_color for s in styled}
+    assert {s.battery_bar for s in styled} == {"short", "paper"} and {s.font for s in styled} == {"default", "large", "bitmap"}
+    drawn.clear()
+    job.make_batch(0, job.ReaderTrainConfig(batch_size=16, negative_fraction=0.0, sizes=(32,), size_weights=(1.0,)),
+                   random.Random(0))
+    assert set(drawn) == {DEFAULT_STYLE}  # style_fraction 0: the default look only
+    with pytest.raises(ValueError, match="leaves no value of \\['font'\\]"):
+        job.training_style_choices(job.ReaderTrainConfig(hold_out=("font=default", "font=large", "font=bitmap")))
+
+
+def test_style_accuracy_covers_every_variation_and_marks_the_held_out_one():
+    from unified_vlm.datamodules.watch import STYLE_CHOICES, style_variations
+    from unified_vlm.pretraining.train_reader import ReaderTrainConfig, style_accuracy
+
+    variations = style_variations()
+    assert len(variations) == 1 + sum(len(v) - 1 for v in STYLE_CHOICES.values())
+    torch.manual_seed(0)
+    report = style_accuracy(WatchReader(TINY).eval(), ReaderTrainConfig(hold_out=("icons=paper",)), n=2)
+    assert list(report) == list(variations)
+    assert [name for name, row in report.items() if row["held_out"]] == ["icons=paper"]
+    assert set(report["battery_bar=paper"]) == {"held_out", "64", "224"}
+
+
+def test_reader_check_command_reports_each_style(capsys):
+    from unified_vlm.evaluation.reader import main as check
+
+    assert check(["--n", "2", "--sizes", "32", "--styles", "default,icons=paper"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["style"] for row in rows] == ["default", "icons=paper"]
+    with pytest.raises(SystemExit):
+        check(["--n", "2", "--styles", "icons=pink"])
+
+
 def test_train_reader_command_writes_a_loadable_reader(tmp_path):
     from unified_vlm.cli import main
 

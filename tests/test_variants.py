@@ -16,7 +16,7 @@ from unified_vlm.datamodules.records import RecordDataset, load_records
 from unified_vlm.datamodules.streams import WatchStream
 from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
 from unified_vlm.datamodules.variants import DataVariant, ExtraData, SplitStyle, UnderstandingBias, VariantError
-from unified_vlm.datamodules.watch import CORNERS, WEATHERS, WatchStyle, render_watch, sample_watch
+from unified_vlm.datamodules.watch import CORNERS, WEATHERS, WatchStyle, render_watch, sample_watch, weather_icon
 
 SIZE = 24
 
@@ -147,7 +147,7 @@ def test_weather_tl_layout_keeps_the_other_attributes():
 
 @pytest.mark.parametrize("style", [
     WatchStyle(icons="flat"), WatchStyle(battery_color="blue"), WatchStyle(font="large"), WatchStyle(font="bitmap"),
-    WatchStyle(render="downscale"),
+    WatchStyle(render="downscale"), WatchStyle(icons="paper"), WatchStyle(battery_bar="paper"),
 ])
 @pytest.mark.parametrize("size", [64, 224])
 def test_every_style_changes_the_picture(style, size):
@@ -167,10 +167,23 @@ def test_downscale_is_the_224_picture_resized():
     assert np.array_equal(pixels(render_watch(attrs, 64, WatchStyle(render="downscale"))), pixels(expected))
 
 
-def test_flat_icons_differ_from_the_default_icons_for_every_weather():
+@pytest.mark.parametrize("design", ["flat", "paper"])
+def test_other_icon_designs_differ_from_the_default_icons_for_every_weather(design):
     for weather in WEATHERS:
         attrs = dataclasses.replace(sample_watch(0, "train", 0), weather=weather)
-        assert not np.array_equal(pixels(render_watch(attrs, 64)), pixels(render_watch(attrs, 64, WatchStyle(icons="flat"))))
+        assert not np.array_equal(pixels(render_watch(attrs, 64)), pixels(render_watch(attrs, 64, WatchStyle(icons=design))))
+
+
+def test_paper_cloudy_icon_is_a_pale_cloud_with_a_sun_at_its_top_left():
+    """The icon the reader must not take for sunny: nearly white on white, a small sun top left."""
+    icon = np.asarray(weather_icon("cloudy", 120, "paper").convert("RGBA")).astype(int)
+    opaque = icon[..., 3] > 128
+    r, g, b = icon[..., 0], icon[..., 1], icon[..., 2]
+    yellow = opaque & (r > 200) & (g > 150) & (b < 100)
+    pale = opaque & (r > 240) & (g > 240) & (b > 240)
+    assert pale.sum() > 3 * yellow.sum() > 0
+    ys, xs = np.nonzero(yellow)
+    assert xs.mean() < 60 and ys.mean() < 60  # the sun peeks out at the top left
 
 
 def test_alternative_wording_is_disjoint_and_asks_the_same_things():
@@ -193,6 +206,17 @@ def test_alternative_wording_is_disjoint_and_asks_the_same_things():
     assert set(base_q) <= all_base and set(alt_q) <= all_alt
     assert set(mixed_q) & all_base and set(mixed_q) & all_alt
     assert base_a == alt_a == mixed_a  # the same attributes asked in every wording
+
+
+def test_battery_bar_style_is_validated_and_reaches_the_renderer():
+    with pytest.raises(ValueError, match="battery_bar"):
+        WatchStyle(battery_bar="long")
+    with pytest.raises(VariantError, match="data.variant.train.battery_bar"):
+        DataVariant.from_mapping({"train": {"battery_bar": "long"}})
+    stream = WatchStream(split="test", num_watches=2, seed=0, image_size=224, variant={"test": {"battery_bar": "paper"}})
+    expected = render_watch(sample_watch(0, "test", 0), 224, WatchStyle(battery_bar="paper"))
+    assert np.array_equal(pixels(stream[1]["image"]), pixels(expected))
+    assert not np.array_equal(pixels(stream[1]["image"]), pixels(render_watch(sample_watch(0, "test", 0), 224)))
 
 
 def test_styles_are_chosen_per_split():

@@ -18,10 +18,12 @@ from unified_vlm.datamodules.streams import WatchStream
 from unified_vlm.datamodules.templates import TASKS, build_records
 from unified_vlm.datamodules.watch import (
     BATTERY_GREEN,
+    CORNER_ANCHORS_224,
     CORNERS,
     HAND_LENGTHS,
     WEATHERS,
     WatchAttributes,
+    WatchStyle,
     battery_fill_box,
     battery_outline_box,
     face_geometry,
@@ -168,6 +170,33 @@ def test_battery_fill_width_matches_percentage(size, battery):
         assert not is_green[y0:y1, x1].any()
     ox0, oy0, ox1, oy1 = battery_outline_box(attrs, size)
     assert ox0 < x0 and x1 <= ox1 and oy0 < y0 and y1 <= oy1
+
+
+def _paper_battery(attrs: WatchAttributes) -> np.ndarray:
+    """The battery as the paper's generator draws it at 224 px (docs/paper.md 1.1): PIL's
+    rectangle, end coordinates inclusive, outline first and the fill bar over it."""
+    from PIL import Image, ImageDraw
+
+    x, y = CORNER_ANCHORS_224[attrs.battery_pos]
+    image = Image.new("RGB", (224, 224), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([x, y, x + 25, y + 10], outline=(0, 0, 0), width=1)
+    draw.rectangle([x + 2, y + 2, x + 2 + int(23 * attrs.battery / 100), y + 8], fill=BATTERY_GREEN)
+    return np.asarray(image)[y: y + 11, x: x + 26]
+
+
+@pytest.mark.parametrize("battery", [0, 1, 4, 37, 50, 63, 99, 100])
+def test_paper_battery_bar_is_the_paper_generators_bar(battery):
+    """``battery_bar="paper"``: the outline and bar pixels equal the paper's drawing at 224 px
+    (63 %: 15 green columns; 0 %: one; 100 %: over the outline's right edge)."""
+    attrs = replace(sample_watch(0, "train", 2), battery=battery)
+    x, y = CORNER_ANCHORS_224[attrs.battery_pos]
+    img = np.asarray(render_watch(attrs, 224, WatchStyle(battery_bar="paper")))
+    assert np.array_equal(img[y: y + 11, x: x + 26], _paper_battery(attrs))
+    x0, y0, x1, y1 = battery_fill_box(attrs, 224, "paper")
+    assert x1 - x0 == int(23 * battery / 100) + 1
+    short = battery_fill_box(attrs, 224)
+    assert short[2] - short[0] == x1 - x0 - 1  # the default bar: one column fewer
 
 
 def _colour_counts(crop: np.ndarray) -> dict[str, int]:

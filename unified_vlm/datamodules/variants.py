@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from unified_vlm.datamodules.templates import PROMPTS, QUESTION_MIXES, WORDINGS
 from unified_vlm.datamodules.watch import (
+    BATTERY_BARS,
     BATTERY_COLORS,
     FONTS,
     ICON_DESIGNS,
@@ -66,10 +67,12 @@ class SplitStyle:
         layout: ``random`` (two distinct random corners) or ``weather_tl`` (weather icon always
             top-left, battery in one of the other three corners).
         wording: paraphrase pools: ``base``, ``alt`` (disjoint, never-seen paraphrases) or ``all``.
-        icons: weather icon design, ``default`` or ``flat``.
+        icons: weather icon design, ``default``, ``flat`` or ``paper`` (after the paper's icons).
         battery_color: battery bar colour, ``green`` (default), ``blue``, ``orange`` or ``purple``.
         font: battery text font, ``default``, ``large`` or ``bitmap`` (PIL's old fixed-size font).
         render: ``native`` (drawn at the image size) or ``downscale`` (drawn at 224 px and resized).
+        battery_bar: ``short`` (the default, one column shorter than the paper's at 224 px) or
+            ``paper`` (the paper generator's bar exactly).
         prompts: generation prompts: ``paper`` (time always, every other attribute with p=1/2) or
             ``all`` (every attribute stated; the phrasings of the paper's pools).
         questions: VQA turns: ``paper`` (the paper's draw) or ``position`` (corner questions only).
@@ -81,16 +84,19 @@ class SplitStyle:
     battery_color: str = "green"
     font: str = "default"
     render: str = "native"
+    battery_bar: str = "short"
     prompts: str = "paper"
     questions: str = "paper"
 
     def watch_style(self) -> WatchStyle:
-        return WatchStyle(icons=self.icons, battery_color=self.battery_color, font=self.font, render=self.render)
+        return WatchStyle(icons=self.icons, battery_color=self.battery_color, font=self.font, render=self.render,
+                          battery_bar=self.battery_bar)
 
     def _validate(self, key: str) -> None:
         for name, allowed in (
             ("layout", LAYOUTS), ("wording", WORDINGS), ("icons", ICON_DESIGNS),
             ("battery_color", tuple(BATTERY_COLORS)), ("font", FONTS), ("render", RENDER_MODES),
+            ("battery_bar", BATTERY_BARS),
             ("prompts", PROMPTS), ("questions", QUESTION_MIXES),
         ):
             value = getattr(self, name)

@@ -17,6 +17,7 @@ paper-style pipeline does); the default style draws exactly the pictures drawn b
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -48,18 +49,22 @@ CLOUD_EDGE = (90, 92, 100)
 RAIN_BLUE = (25, 100, 235)
 
 # --- Style variants (out-of-distribution looks); the first entry of each is the default.
-ICON_DESIGNS = ("default", "flat")
+ICON_DESIGNS = ("default", "flat", "paper")
 BATTERY_COLORS = {"green": BATTERY_GREEN, "blue": (0, 90, 230), "orange": (245, 130, 0), "purple": (140, 40, 180)}
 FONTS = ("default", "large", "bitmap")
 RENDER_MODES = ("native", "downscale")
+BATTERY_BARS = ("short", "paper")
 
 
 @dataclass(frozen=True)
 class WatchStyle:
     """How a watch is drawn, apart from its attributes; the defaults are the paper-like look.
 
-    ``icons``: ``default`` (the procedural icons below) or ``flat`` (another design: an orange sun
-    with a ring of dots, an outlined white cloud, a blue-grey cloud with rain streaks).
+    ``icons``: ``default`` (the procedural icons below), ``flat`` (another design: an orange sun
+    with a ring of dots, an outlined white cloud, a blue-grey cloud with rain streaks) or ``paper``
+    (after the paper's PNG icons: cloudy is a pale white cloud, lighter than the background's
+    neighbours, with a small sun peeking out at its top left; a sun with a thin pale halo; a grey
+    cloud over blue drops).
     ``battery_color``: the fill bar colour, one of BATTERY_COLORS. ``font``: the battery text.
     ``default`` is Pillow's scalable default font, Aileron Regular (``ImageFont.load_default(size=)``,
     which needs FreeType), at 11 px at 224 (at least 6); ``large`` the same font at 14 px (at least 8,
@@ -70,12 +75,18 @@ class WatchStyle:
     1 px larger; it stays so, as changing it would change every picture and the assets trained on them. ``render``:
     ``native`` draws at the requested size; ``downscale`` draws at 224 px and resizes with BICUBIC,
     as a pipeline that stores 224 px pictures and lets the image processor resize them does.
+    ``battery_bar``: ``short`` draws ``int(23 * s * p / 100)`` columns of fill (s = size / 224), which at
+    224 px is one column fewer than the paper's bar; ``paper`` draws the paper's bar exactly (PIL's
+    inclusive rectangle: ``int(23 * p / 100) + 1`` columns at 224, one column at 0 %, over the
+    outline's right edge at 100 %), scaled. ``short`` stays the default because every shipped
+    weight and measured result in this repository was made with it.
     """
 
     icons: str = "default"
     battery_color: str = "green"
     font: str = "default"
     render: str = "native"
+    battery_bar: str = "short"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -83,12 +94,37 @@ class WatchStyle:
             ("battery_color", self.battery_color, tuple(BATTERY_COLORS)),
             ("font", self.font, FONTS),
             ("render", self.render, RENDER_MODES),
+            ("battery_bar", self.battery_bar, BATTERY_BARS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 DEFAULT_STYLE = WatchStyle()
+# Every field of a WatchStyle and the values it takes; the first value is the default.
+STYLE_CHOICES: dict[str, tuple[str, ...]] = {
+    "icons": ICON_DESIGNS, "battery_color": tuple(BATTERY_COLORS), "font": FONTS, "render": RENDER_MODES,
+    "battery_bar": BATTERY_BARS,
+}
+
+
+def style_setting(text: str) -> tuple[str, str]:
+    """``"icons=paper"`` -> ``("icons", "paper")``, checked against STYLE_CHOICES."""
+    name, eq, value = text.partition("=")
+    if not eq or name not in STYLE_CHOICES or value not in STYLE_CHOICES[name]:
+        choices = ", ".join(f"{k}={'|'.join(v)}" for k, v in STYLE_CHOICES.items())
+        raise ValueError(f"unknown style setting {text!r}; expected FIELD=VALUE, one of {choices}")
+    return name, value
+
+
+def style_variations() -> dict[str, WatchStyle]:
+    """The default style and each style that differs from it in one field, by name
+    (``default``, ``icons=flat``, ``battery_color=blue``, ...): the looks a reader is checked on."""
+    out = {"default": DEFAULT_STYLE}
+    for name, values in STYLE_CHOICES.items():
+        for value in values[1:]:
+            out[f"{name}={value}"] = dataclasses.replace(DEFAULT_STYLE, **{name: value})
+    return out
 
 
 def stable_seed(*key: Any) -> int:
@@ -226,17 +262,25 @@ def battery_outline_box(attrs: WatchAttributes, size: int) -> tuple[int, int, in
     return x, y, x + round(25 * s), y + round(10 * s)
 
 
-def battery_fill_box(attrs: WatchAttributes, size: int) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of the green fill bar, x1 and y1 EXCLUSIVE (numpy-slice style).
+def battery_fill_box(attrs: WatchAttributes, size: int, bar: str = "short") -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the green fill bar, x1 and y1 EXCLUSIVE (numpy-slice style); rows y+2..y+8.
 
-    At 224 px the bar spans columns x+2 .. x+2+int(23*p/100) (exclusive) and rows y+2..y+8, as in
-    the paper; the width is ``int(23 * scale * p / 100)`` and never reaches the outline's right edge.
+    ``paper``: the paper's bar, drawn with PIL's inclusive rectangle from x+2 to x+2+int(23*p/100):
+    at 224 px that is columns x+2 .. x+3+int(23*p/100) (exclusive), one column at 0 % and the
+    outline's right edge covered at 100 %; other sizes scale both ends. ``short`` (the default
+    style): ``int(23 * scale * p / 100)`` columns, never reaching the outline's right edge; one
+    column fewer than the paper's at 224 px.
     """
+    if bar not in BATTERY_BARS:
+        raise ValueError(f"unknown battery bar {bar!r}; expected one of {BATTERY_BARS}")
     x, y = corner_anchor(attrs.battery_pos, size)
     s = _scale(size)
-    inside_right = battery_outline_box(attrs, size)[2] - battery_line_width(size) + 1  # exclusive
     x0, y0 = x + round(2 * s), y + round(2 * s)
-    x1 = min(x0 + int(23 * s * attrs.battery / 100), inside_right)
+    if bar == "paper":
+        x1 = x + round((3 + int(23 * attrs.battery / 100)) * s)
+    else:
+        inside_right = battery_outline_box(attrs, size)[2] - battery_line_width(size) + 1  # exclusive
+        x1 = min(x0 + int(23 * s * attrs.battery / 100), inside_right)
     return x0, y0, x1, y + round(9 * s)
 
 
@@ -304,6 +348,27 @@ def _flat_icon(draw: ImageDraw.ImageDraw, u: float, weather: str) -> None:
             draw.line([(x * u, 0.6 * u), (x * u, 0.9 * u)], fill=FLAT_RAIN, width=round(0.06 * u))
 
 
+PAPER_CLOUD = (250, 250, 252)
+PAPER_CLOUD_EDGE = (222, 224, 230)
+PAPER_RAIN_CLOUD = (150, 154, 162)
+PAPER_DROP = (40, 120, 240)
+
+
+def _paper_icon(draw: ImageDraw.ImageDraw, u: float, weather: str) -> None:
+    """The ``paper`` design, after the paper's PNG icons (docs/paper.md 1.1): on a white background its
+    cloudy icon is little more than a faint outline and a small sun at the top left."""
+    if weather == "sunny":  # a yellow disc with a thin pale halo, no rays
+        draw.ellipse([0.2 * u, 0.2 * u, 0.8 * u, 0.8 * u], fill=(255, 236, 150))
+        draw.ellipse([0.26 * u, 0.26 * u, 0.74 * u, 0.74 * u], fill=SUN_YELLOW)
+    elif weather == "cloudy":  # a small sun peeking out at the top left of a pale white cloud
+        draw.ellipse([0.1 * u, 0.12 * u, 0.42 * u, 0.44 * u], fill=SUN_YELLOW)
+        _cloud(draw, u, 0.04, 0.08, PAPER_CLOUD, PAPER_CLOUD_EDGE)
+    else:  # raining: a grey cloud over blue drops
+        _cloud(draw, u, 0.0, -0.22, PAPER_RAIN_CLOUD, PAPER_RAIN_CLOUD)
+        for cx, cy in ((0.3, 0.72), (0.5, 0.82), (0.7, 0.72)):
+            draw.ellipse([(cx - 0.06) * u, (cy - 0.08) * u, (cx + 0.06) * u, (cy + 0.08) * u], fill=PAPER_DROP)
+
+
 @functools.lru_cache(maxsize=None)
 def weather_icon(weather: str, icon_px: int, design: str = "default") -> Image.Image:
     """The RGBA icon for ``weather`` at ``icon_px`` pixels in ``design``, drawn procedurally.
@@ -321,6 +386,8 @@ def weather_icon(weather: str, icon_px: int, design: str = "default") -> Image.I
     draw = ImageDraw.Draw(canvas)
     if design == "flat":
         _flat_icon(draw, u, weather)
+    elif design == "paper":
+        _paper_icon(draw, u, weather)
     elif weather == "sunny":
         _sun(draw, u, 0.5, 0.5, 0.23, rays=True)
     elif weather == "cloudy":
@@ -350,7 +417,7 @@ def _paste_bitmap_text(image: Image.Image, xy: tuple[int, int], text: str, size:
 def render_watch(attrs: WatchAttributes, size: int = 224, style: WatchStyle = DEFAULT_STYLE) -> Image.Image:
     """The RGB ``size`` x ``size`` picture of a watch (draw order: face, hands, weather, battery)."""
     if style.render == "downscale" and size != REFERENCE_SIZE:
-        native = WatchStyle(style.icons, style.battery_color, style.font, "native")
+        native = dataclasses.replace(style, render="native")
         return render_watch(attrs, REFERENCE_SIZE, native).resize((size, size), Image.BICUBIC)
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -367,7 +434,7 @@ def render_watch(attrs: WatchAttributes, size: int = 224, style: WatchStyle = DE
 
     bx0, by0, bx1, by1 = battery_outline_box(attrs, size)
     draw.rectangle([bx0, by0, bx1, by1], outline=BLACK, width=battery_line_width(size))
-    fx0, fy0, fx1, fy1 = battery_fill_box(attrs, size)
+    fx0, fy0, fx1, fy1 = battery_fill_box(attrs, size, style.battery_bar)
     if fx1 > fx0:
         draw.rectangle([fx0, fy0, fx1 - 1, fy1 - 1], fill=BATTERY_COLORS[style.battery_color])
     text_xy = (bx0 + round(30 * _scale(size)), by0)

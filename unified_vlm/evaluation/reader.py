@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unified_vlm.datamodules.watch import CORNER_ANCHORS_224, CORNERS, REFERENCE_SIZE, WEATHERS
+from unified_vlm.datamodules.watch import CORNER_ANCHORS_224, CORNERS, DEFAULT_STYLE, REFERENCE_SIZE, WEATHERS, WatchStyle
 from unified_vlm.models.part_files import WEIGHTS_NAME, load_part_weights, read_part_config, save_part
 
 READER_ASSET = "watch_reader"  # directory name under unified_vlm/assets (and the cache)
@@ -383,12 +383,14 @@ def load_reader(path: str | os.PathLike | None = "builtin") -> WatchReader:
     return WatchReader.from_pretrained(Path(path))
 
 
-def reader_accuracy(reader: WatchReader, split: str, n: int, size: int, seed: int = 0) -> dict[str, float]:
-    """How well ``reader`` reads ``n`` clean renders of ``split`` at ``size`` px (see ``reading_accuracy``)."""
+def reader_accuracy(reader: WatchReader, split: str, n: int, size: int, seed: int = 0,
+                    style: WatchStyle = DEFAULT_STYLE) -> dict[str, float]:
+    """How well ``reader`` reads ``n`` clean renders of ``split`` at ``size`` px in ``style`` (see
+    ``reading_accuracy``)."""
     from unified_vlm.datamodules.watch import render_watch, sample_watch
 
     attrs = [sample_watch(seed, split, i) for i in range(n)]
-    return reading_accuracy(reader.read([render_watch(a, size) for a in attrs]), attrs)
+    return reading_accuracy(reader.read([render_watch(a, size, style) for a in attrs]), attrs)
 
 
 def reading_accuracy(readings: Sequence[dict], attrs: Sequence[Any]) -> dict[str, float]:
@@ -412,8 +414,9 @@ def reading_accuracy(readings: Sequence[dict], attrs: Sequence[Any]) -> dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m unified_vlm.evaluation.reader [--reader DIR] [--n 1000] [--sizes 64,224]``:
-    the reader's accuracy on fresh renders of a split no training used, and its reading speed."""
+    """``python -m unified_vlm.evaluation.reader [--reader DIR] [--n 1000] [--sizes 64,224] [--styles all]``:
+    the reader's accuracy on fresh renders of a split no training used (in the default look, or in
+    every one-field style variation), and its reading speed."""
     import argparse
     import time
 
@@ -423,26 +426,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="reader-check", help="a split that no training used")
     p.add_argument("--sizes", default="64,224")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--styles", default="default",
+                   help="default, all (the default and every one-field variation: icons=flat, battery_bar=paper, ...), "
+                        "or a comma list of variation names")
     p.add_argument("--vq-roundtrip", default=None, metavar="TOKENIZER",
                    help="also read the renders after a round trip through this VQ tokenizer (builtin or a dir): "
                         "what a perfect VQ-output model could at best produce")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     reader = load_reader(a.reader)
-    from unified_vlm.datamodules.watch import render_watch, sample_watch
+    from unified_vlm.datamodules.watch import render_watch, sample_watch, style_variations
 
+    variations = style_variations()
+    names = ["default"] if a.styles == "default" else list(variations) if a.styles == "all" else a.styles.split(",")
+    unknown = [name for name in names if name not in variations]
+    if unknown:
+        p.error(f"--styles: unknown {unknown}; known: default, all, {', '.join(variations)}")
     for size in (int(s) for s in a.sizes.split(",")):
         attrs = [sample_watch(0, a.split, i) for i in range(a.n)]
-        images = to_tensor_batch([render_watch(x, size) for x in attrs])
-        start = time.perf_counter()
-        readings = reader.read(images)
-        seconds = time.perf_counter() - start
-        acc = reading_accuracy(readings, attrs)
-        print(json.dumps({"size": size, "n": a.n, **{k: round(v, 4) for k, v in acc.items()},
-                          "read_seconds": round(seconds, 2), "threads": a.threads}))
+        for name in names:
+            images = to_tensor_batch([render_watch(x, size, variations[name]) for x in attrs])
+            start = time.perf_counter()
+            readings = reader.read(images)
+            seconds = time.perf_counter() - start
+            acc = reading_accuracy(readings, attrs)
+            print(json.dumps({"size": size, "style": name, "n": a.n, **{k: round(v, 4) for k, v in acc.items()},
+                              "read_seconds": round(seconds, 2), "threads": a.threads}))
         if a.vq_roundtrip:
             from unified_vlm.models.builders import build_vq_tokenizer
 
+            images = to_tensor_batch([render_watch(x, size) for x in attrs])
             vq = build_vq_tokenizer(a.vq_roundtrip).eval()
             with torch.no_grad():
                 recon = torch.cat([vq.decode(vq.encode(images[i: i + 200])) for i in range(0, len(images), 200)])

@@ -26,7 +26,18 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from unified_vlm.datamodules.watch import BACKGROUND, CORNERS, face_geometry, render_watch, sample_watch
+from unified_vlm.datamodules.watch import (
+    BACKGROUND,
+    CORNERS,
+    DEFAULT_STYLE,
+    STYLE_CHOICES,
+    WatchStyle,
+    face_geometry,
+    render_watch,
+    sample_watch,
+    style_setting,
+    style_variations,
+)
 from unified_vlm.evaluation.reader import CORNER_CLASSES, WatchReader, WatchReaderConfig, hand_columns, reader_accuracy
 from unified_vlm.pretraining.common import cosine_with_warmup
 
@@ -61,6 +72,8 @@ class ReaderTrainConfig:
     val_size: int = 200  # per size (64 and 224), clean renders of reader-val
     val_every: int = 500
     precision: str = "auto"  # "bf16" autocast, "32", or "auto": bf16 only where the CPU has native bf16
+    style_fraction: float = 0.0  # share of watches drawn in a random style (each WatchStyle field drawn alone)
+    hold_out: tuple[str, ...] = ()  # style settings never drawn in training, e.g. icons=paper (reported apart)
     reader: WatchReaderConfig = field(default_factory=WatchReaderConfig)
 
 
@@ -81,7 +94,25 @@ HELP = {
     "val_size": "clean reader-val watches per size (64 and 224) for the final accuracy",
     "val_every": "steps between interim accuracy checks (100 watches per size); 0: none",
     "precision": "auto (bf16 only with native CPU bf16), bf16 or 32",
+    "style_fraction": "share of watches drawn in a random style (icons, battery colour and bar, font, render; "
+                      "each field drawn on its own); 0: the default look only",
+    "hold_out": "comma list of style settings never drawn in training (e.g. icons=paper); "
+                "the final per-style accuracy marks them held out",
 }
+
+
+def training_style_choices(cfg: ReaderTrainConfig) -> dict[str, tuple[str, ...]]:
+    """The values each style field may take in training: all of STYLE_CHOICES less ``hold_out``."""
+    held = [style_setting(text) for text in cfg.hold_out]
+    choices = {name: tuple(v for v in values if (name, v) not in held) for name, values in STYLE_CHOICES.items()}
+    empty = [name for name, values in choices.items() if not values]
+    if empty:
+        raise ValueError(f"holding out {list(cfg.hold_out)} leaves no value of {empty} to train on")
+    return choices
+
+
+def draw_style(rng: random.Random, choices: dict[str, tuple[str, ...]]) -> WatchStyle:
+    return WatchStyle(**{name: rng.choice(values) for name, values in choices.items()})
 
 
 # ----------------------------------------------------------------------------- negatives
@@ -194,6 +225,7 @@ def augment(x: Tensor, cfg: ReaderTrainConfig, gen: torch.Generator, vq=None) ->
 def make_batch(step: int, cfg: ReaderTrainConfig, rng: random.Random) -> dict[str, Tensor]:
     """Fresh renders of ``reader-train`` at one random size, with targets; watch indices never repeat."""
     size = rng.choices(cfg.sizes, weights=cfg.size_weights)[0]
+    choices = training_style_choices(cfg) if cfg.style_fraction > 0 else None
     images, targets = [], []
     for k in range(cfg.batch_size):
         index = step * cfg.batch_size + k
@@ -202,7 +234,10 @@ def make_batch(step: int, cfg: ReaderTrainConfig, rng: random.Random) -> dict[st
             targets.append(None)
             continue
         attrs = sample_watch(cfg.seed, TRAIN_SPLIT, index)
-        images.append(render_watch(attrs, size))
+        style = DEFAULT_STYLE
+        if choices is not None and rng.random() < cfg.style_fraction:
+            style = draw_style(rng, choices)
+        images.append(render_watch(attrs, size, style))
         targets.append(attrs)
     pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
     is_watch = torch.tensor([t is not None for t in targets])
@@ -320,8 +355,12 @@ def train_reader(cfg: ReaderTrainConfig) -> tuple[WatchReader, dict]:
         minutes = (time.perf_counter() - start) / 60
         metrics = validate(reader, cfg, n=cfg.val_size)
         history.append({"step": step, "minutes": minutes, **metrics})
+        styles = style_accuracy(reader, cfg, n=cfg.val_size) if cfg.style_fraction > 0 or cfg.hold_out else None
         reader.training_info = {"config": _jsonable(asdict(cfg)), "steps": step, "train_minutes": minutes,
                                 "threads": cfg.threads, "val": metrics, "history": history}
+        if styles is not None:
+            reader.training_info["val_styles"] = styles
+            metrics = {**metrics, "styles": styles}
         return reader.eval(), metrics
     finally:
         torch.set_num_threads(threads_before)
@@ -329,6 +368,16 @@ def train_reader(cfg: ReaderTrainConfig) -> tuple[WatchReader, dict]:
 
 def validate(reader: WatchReader, cfg: ReaderTrainConfig, n: int) -> dict:
     return {str(size): reader_accuracy(reader, VAL_SPLIT, n, size, seed=cfg.seed) for size in (64, 224)}
+
+
+def style_accuracy(reader: WatchReader, cfg: ReaderTrainConfig, n: int) -> dict:
+    """Accuracy on ``n`` clean reader-val watches per size (64, 224) in every one-field style
+    variation; ``held_out`` marks the looks training never drew."""
+    held = {f"{name}={value}" for name, value in map(style_setting, cfg.hold_out)}
+    return {name: {"held_out": name in held,
+                   **{str(size): reader_accuracy(reader, VAL_SPLIT, n, size, seed=cfg.seed, style=style)
+                      for size in (64, 224)}}
+            for name, style in style_variations().items()}
 
 
 def _jsonable(value):
@@ -351,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, value in asdict(defaults).items():
         if name in ("out", "reader"):
             continue
-        kind = _tuple(type(value[0])) if isinstance(value, tuple) else type(value)
+        kind = _tuple(type(value[0]) if value else str) if isinstance(value, tuple) else type(value)
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=value,
                        help=f"{HELP.get(name, '')} (default: {shown})".strip())
@@ -363,6 +412,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = ReaderTrainConfig(**{k: v for k, v in a.items() if not k.startswith("reader_")}, reader=reader_cfg)
     if len(cfg.sizes) != len(cfg.size_weights):
         p.error(f"--sizes has {len(cfg.sizes)} entries but --size-weights has {len(cfg.size_weights)}")
+    try:
+        training_style_choices(cfg)
+    except ValueError as err:
+        p.error(f"--hold-out: {err}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     reader, metrics = train_reader(cfg)
     from unified_vlm.files import publish_dir
