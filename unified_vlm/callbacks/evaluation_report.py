@@ -92,7 +92,7 @@ class EvaluationReport(L.Callback):
 
     - ``summary``: every VQA turn and the first turns (docs/paper.md 4.2), printed as a table;
     - ``generation``: faithfulness of the generated watches to what their prompts state, read by
-      the watch reader (``reader``: ``builtin`` or a ``train-reader`` directory), and the Fréchet
+      the watch reader (``reader``: ``builtin``, ``all_styles`` or a ``train-reader`` directory), and the Fréchet
       distance on the reader's features against ``fd_reference`` held-out renders, with a
       bootstrap 95 % interval (``unified_vlm.evaluation.generation``); standard Inception FID
       too when ``inception_weights`` names a local weights file;

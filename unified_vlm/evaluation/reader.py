@@ -43,6 +43,7 @@ from unified_vlm.datamodules.watch import CORNER_ANCHORS_224, CORNERS, DEFAULT_S
 from unified_vlm.models.part_files import WEIGHTS_NAME, load_part_weights, read_part_config, save_part
 
 READER_ASSET = "watch_reader"  # directory name under unified_vlm/assets (and the cache)
+SHIPPED_READERS = {"builtin": READER_ASSET, "all_styles": "watch_reader_all_styles"}  # load_reader names
 CORNER_CLASSES = ("none",) + WEATHERS + ("battery",)
 HANDS = ("hour", "minute", "second")
 POLAR_RADII = (0.08, 0.98)  # inner and outer radius sampled, in face radii
@@ -366,18 +367,25 @@ def hand_columns(hour: Tensor, minute: Tensor, second: Tensor, columns: int) -> 
 
 
 def load_reader(path: str | os.PathLike | None = "builtin") -> WatchReader:
-    """``builtin`` (or None) -> the reader shipped in ``unified_vlm/assets/watch_reader`` (else one
-    cached as ``$UNIFIED_VLM_CACHE/watch_reader``); otherwise a directory from ``train-reader``."""
-    from unified_vlm.assets import BUILTIN, cached, shipped
+    """A shipped reader by name, else a directory from ``train-reader``.
 
-    if path is None or str(path) == BUILTIN:
-        found = shipped(READER_ASSET)
-        if found is None and (cached(READER_ASSET) / WEIGHTS_NAME).is_file():
-            found = cached(READER_ASSET)
+    ``builtin`` (or None): ``unified_vlm/assets/watch_reader``, trained on the default look; every
+    generation score in docs/ was read by it. ``all_styles``: ``unified_vlm/assets/watch_reader_all_styles``,
+    trained with half its watches in random looks (icon designs, battery colours and bars, fonts,
+    render modes; docs/evaluation.md), for scoring pictures that are not in the default look.
+    Either is also looked up under ``$UNIFIED_VLM_CACHE``."""
+    from unified_vlm.assets import cached, shipped
+
+    name = "builtin" if path is None else str(path)
+    if name in SHIPPED_READERS:
+        asset = SHIPPED_READERS[name]
+        found = shipped(asset)
+        if found is None and (cached(asset) / WEIGHTS_NAME).is_file():
+            found = cached(asset)
         if found is None:
             raise FileNotFoundError(
-                f"no built-in watch reader (neither unified_vlm/assets/{READER_ASSET} nor {cached(READER_ASSET)}): "
-                f"train one with `python -m unified_vlm train-reader --out {cached(READER_ASSET)}` or pass a reader directory"
+                f"no {name} watch reader (neither unified_vlm/assets/{asset} nor {cached(asset)}): "
+                f"train one with `python -m unified_vlm train-reader --out {cached(asset)}` or pass a reader directory"
             )
         return WatchReader.from_pretrained(found)
     return WatchReader.from_pretrained(Path(path))
@@ -421,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import time
 
     p = argparse.ArgumentParser(prog="python -m unified_vlm.evaluation.reader", description=main.__doc__)
-    p.add_argument("--reader", default="builtin", help="reader directory, or builtin")
+    p.add_argument("--reader", default="builtin", help="builtin, all_styles, or a train-reader directory")
     p.add_argument("--n", type=int, default=1000, help="watches per size")
     p.add_argument("--split", default="reader-check", help="a split that no training used")
     p.add_argument("--sizes", default="64,224")
