@@ -214,6 +214,41 @@ def test_report_averages_over_seeds_and_marks_failures(tmp_path, capsys):
     assert [c.state for c in experiment.cells] == ["done", "done", "done", "failed"]
 
 
+def test_archive_keeps_what_the_report_reads_and_grows_across_machines(tmp_path, capsys):
+    """``report --archive DIR``: finished cells' scores and logs, a few KB each, from which ``report
+    DIR`` gives the same tables once the run directories (here: two machines') are gone."""
+    spec_path = write(tmp_path / "e.yaml", {
+        "name": "fake", "base": BASE,
+        "axes": {"strength": {"kind": "key", "key": "model.optim.lr", "values": [0.1, 0.3]},
+                 "seed": {"kind": "seed", "values": [0, 1]}},
+    })
+    first, second, kept = tmp_path / "machine1", tmp_path / "machine2", tmp_path / "archive"
+    fake_cell(first, "strength=0.1__seed=0", 0.5)
+    fake_cell(first, "strength=0.3__seed=0", 0.4)
+    (first / "strength=0.3__seed=0" / "checkpoints").mkdir()
+    (first / "strength=0.3__seed=0" / "checkpoints" / "last.ckpt").write_bytes(b"x" * 1000)
+    assert report_main([str(spec_path), "--out", str(first), "--archive", str(kept)]) == 0
+    assert "archived 2 finished cell(s)" in capsys.readouterr().out
+    fake_cell(second, "strength=0.1__seed=1", 0.7)
+    fake_cell(second, "strength=0.3__seed=1", None)  # failed: not archived
+    assert report_main([str(spec_path), "--out", str(second), "--archive", str(kept)]) == 0
+    assert sorted(p.name for p in kept.iterdir() if p.is_dir()) == [
+        "strength=0.1__seed=0", "strength=0.1__seed=1", "strength=0.3__seed=0"]
+    cell = kept / "strength=0.3__seed=0"
+    assert not (cell / "checkpoints").exists() and "results" not in json.loads((cell / results.SCORES).read_text())
+    assert report_main([str(kept)]) == 0
+    text = (kept / "report.md").read_text()
+    mean, std = statistics.fmean([0.5, 0.7]), statistics.stdev([0.5, 0.7])
+    assert f"| 0.1 | {0.3:.3f} ± {0.0707:.3f} | {mean:.3f} ± {std:.3f} | 2 |  |" in text
+    assert [c.state for c in load_report(str(kept)).cells] == ["done", "done", "done", "not run"]
+    assert len(load_report(str(kept)).cells[0].metrics) == 2  # the training curve came along
+    other = write(tmp_path / "other.yaml", {"name": "other", "base": BASE,
+                                            "axes": {"seed": {"kind": "seed", "values": [0]}}})
+    fake_cell(tmp_path / "run3", "seed=0", 0.5)
+    assert report_main([str(other), "--out", str(tmp_path / "run3"), "--archive", str(kept)]) == 2
+    assert "archives another experiment" in capsys.readouterr().err
+
+
 def test_report_averages_over_a_named_replicate_axis(tmp_path):
     """An overrides axis whose values are replicates (each its own start and seed) is averaged over."""
     spec_path = write(tmp_path / "e.yaml", {

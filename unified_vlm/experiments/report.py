@@ -392,16 +392,45 @@ def write_report(experiment: Experiment) -> Path:
     return path
 
 
+def archive(experiment: Experiment, out: Path) -> list[str]:
+    """Copy ``experiment.json`` and every finished cell's scores and training log into ``out``
+    (``results.archive_cell``), adding to cells archived there before (from other machines or
+    sessions). ``report OUT`` then redraws the tables and figures from the archive alone.
+    Returns the ids of the cells copied."""
+    out = Path(out)
+    meta = {"name": experiment.name, "description": experiment.description, "options": experiment.options,
+            "axes": experiment.axes, "cells": [{"id": c.id, "labels": c.labels} for c in experiment.cells]}
+    if (out / EXPERIMENT_FILE).is_file():
+        before = json.loads((out / EXPERIMENT_FILE).read_text())
+        if before.get("name") != meta.get("name") or before.get("axes") != meta.get("axes"):
+            raise ValueError(f"{out} archives another experiment ({before.get('name')!r}, or other axes): "
+                             "choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EXPERIMENT_FILE).write_text(json.dumps(meta, indent=2))
+    copied = []
+    for cell in experiment.cells:
+        if cell.state == "done" and (experiment.directory / cell.id).resolve() != (out / cell.id).resolve():
+            results.archive_cell(experiment.directory / cell.id, out / cell.id)
+            copied.append(cell.id)
+    return copied
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unified_vlm report",
                                      description="Tables (mean ± std over seeds) and figures of an experiment; see docs/experiments.md.")
     parser.add_argument("target", help="experiment file (configs/experiments/<name>.yaml) or its run directory")
     parser.add_argument("--out", default=None, help="the experiment's run directory when it is not the default runs/experiments/<name>")
+    parser.add_argument("--archive", default=None, metavar="DIR",
+                        help="also copy every finished cell's scores and training log (a few KB each) into DIR, beside "
+                             "cells archived there before; `report DIR` redraws the report where the run directory is gone")
     args = parser.parse_args(argv)
     from unified_vlm.experiments.spec import SpecError
 
     try:
         experiment = load(args.target, args.out)
+        if args.archive:
+            copied = archive(experiment, Path(args.archive))
+            print(f"archived {len(copied)} finished cell(s) in {args.archive}")
         path = write_report(experiment)
     except (SpecError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

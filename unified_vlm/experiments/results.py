@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 DONE, FAILED, SCORES, METRICS = "done.json", "failed.json", "test_scores.json", "metrics.csv"
+KEPT = ("cell.json", "config.yaml", DONE, METRICS)  # what an archived cell keeps besides its scores
 
 
 def state(directory: Path) -> str:
@@ -107,6 +108,29 @@ def flatten_scores(payload: Any, prefix: str = "") -> dict[str, float]:
         if not math.isnan(float(payload)):
             out[prefix.rstrip(".")] = float(payload)
     return out
+
+
+def without_items(payload: Any) -> Any:
+    """A scores payload less its per-item ``results`` lists (what ``flatten_scores`` skips anyway)."""
+    if isinstance(payload, dict):
+        return {k: without_items(v) for k, v in payload.items() if k != "results"}
+    return payload
+
+
+def archive_cell(source: Path, target: Path) -> None:
+    """Copy what the report reads of a finished cell (its record, resolved config, done marker,
+    merged training log and scores less per-item results) from ``source`` to ``target``: a few KB
+    instead of checkpoints and logs, so a finished cell outlives its run directory."""
+    if state(source) != "done":
+        raise ValueError(f"{source} is not a finished cell (no {DONE} and {SCORES})")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in KEPT:
+        if (source / name).is_file():
+            (target / name).write_bytes((source / name).read_bytes())
+    if not (source / METRICS).is_file():  # an older cell: merge its attempts now
+        write_metrics(merged_metrics(source), target / METRICS)
+    scores = without_items(json.loads((source / SCORES).read_text()))
+    (target / SCORES).write_text(json.dumps(scores, indent=2))
 
 
 def read_scores(directory: Path) -> Optional[dict[str, float]]:
