@@ -214,6 +214,32 @@ def test_report_averages_over_seeds_and_marks_failures(tmp_path, capsys):
     assert [c.state for c in experiment.cells] == ["done", "done", "done", "failed"]
 
 
+def test_steps_to_threshold_per_group(tmp_path):
+    """The first validation at or above a level, as optimiser steps (the CSV's step + 1), averaged
+    over the seeds that reached it; a column a cell does not log is '-', a level never reached 'never'."""
+    from unified_vlm.experiments.report import steps_to, thresholds_table
+
+    assert steps_to([{"step": 9, "a": 0.3}, {"step": 19, "a": 0.7}, {"step": 29, "a": 0.9}], "a", 0.7) == 20
+    assert steps_to([{"step": 9, "a": 0.3}], "a", 0.7) is None
+    spec_path = write(tmp_path / "e.yaml", {
+        "name": "fake", "base": BASE,
+        "axes": {"strength": {"kind": "key", "key": "model.optim.lr", "values": [0.1, 0.3]},
+                 "seed": {"kind": "seed", "values": [0, 1]}},
+        "report": {"thresholds": {"val/vqa/total": 0.5, "val/gen/total": 0.6, "val/other": 1.0}},
+    })
+    out = tmp_path / "run"
+    fake_cell(out, "strength=0.1__seed=0", 0.5, curve=(0.3, 0.6))  # vqa reaches 0.5 at step 20
+    fake_cell(out, "strength=0.1__seed=1", 0.5, curve=(0.55, 0.6))  # at step 10
+    fake_cell(out, "strength=0.3__seed=0", 0.5, curve=(0.2, 0.3))  # never
+    fake_cell(out, "strength=0.3__seed=1", None)
+    table = thresholds_table(load_report(str(spec_path), out))
+    assert "| 0.1 | 15 ± 7 (2/2) | 10 (1/2) | - |" in table  # gen = 1 - vqa: seed 0 0.7 at step 10, seed 1 never
+    assert "| 0.3 | never (0/1) | 10 (1/1) | - |" in table
+    with pytest.raises(SpecError, match="report.thresholds"):
+        load_spec(write(tmp_path / "bad.yaml", {"name": "bad", "base": BASE, "axes": {"seed": {"kind": "seed", "values": [0]}},
+                                               "report": {"thresholds": {"val/vqa/total": "high"}}}))
+
+
 def test_archive_keeps_what_the_report_reads_and_grows_across_machines(tmp_path, capsys):
     """``report --archive DIR``: finished cells' scores and logs, a few KB each, from which ``report
     DIR`` gives the same tables once the run directories (here: two machines') are gone."""

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import yaml
 
 from unified_vlm.experiments import results
-from unified_vlm.experiments.spec import CURVE_TASKS, DEFAULT_CURVES
+from unified_vlm.experiments.spec import CURVE_TASKS, DEFAULT_CURVES, DEFAULT_THRESHOLDS
 
 EXPERIMENT_FILE = "experiment.json"
 
@@ -174,6 +174,44 @@ def tables(experiment: Experiment) -> str:
             out.append("| " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def steps_to(metrics: list[dict[str, float]], column: str, level: float) -> Optional[int]:
+    """Optimiser steps until ``column`` is first logged at ``level`` or above (the CSV's ``step`` is
+    zero-based, so a validation at step 399 comes after 400 steps); None if it never is."""
+    for row in metrics:
+        if column in row and "step" in row and row[column] >= level:
+            return int(row["step"]) + 1
+    return None
+
+
+def thresholds_table(experiment: Experiment) -> str:
+    """Steps to each threshold per group: mean ± std over the seeds that reached it, and k/n reached
+    (n counts the finished cells that log the column); a regime that does not train the task is left out."""
+    levels = experiment.options.get("thresholds") or DEFAULT_THRESHOLDS
+    grouped = groups(experiment)
+    header = experiment.group_axes + [f"{column} >= {level:g}" for column, level in levels.items()]
+    out = ["### steps to threshold", "",
+           "Optimiser steps until the validation probe first reaches the level: mean ± sample std over the seeds "
+           "that reached it, then reached/finished. The probes run every `trainer.val_check_interval` steps, "
+           "so the steps are multiples of it.", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = 0
+    for key, cells in grouped.items():
+        done = [c for c in cells if c.state == "done"]
+        row = list(key)
+        for column, level in levels.items():
+            logged = [c for c in done if any(column in r for r in c.metrics)]
+            reached = [s for s in (steps_to(c.metrics, column, level) for c in logged) if s is not None]
+            if not logged:
+                row.append("-")
+                continue
+            mean, std = mean_std([float(s) for s in reached]) if reached else (0.0, 0.0)
+            shown = "never" if not reached else f"{mean:.0f}" if len(reached) == 1 else f"{mean:.0f} ± {std:.0f}"
+            row.append(f"{shown} ({len(reached)}/{len(logged)})")
+        rows += any(cell != "-" for cell in row[len(key):])
+        out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out) + "\n" if rows else ""
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -378,7 +416,7 @@ def write_report(experiment: Experiment) -> Path:
     lines += [f"Run directory: `{directory}`. Cells: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ".", ""]
     if not metric_names(experiment):
         lines += ["No finished cell has a numeric score yet (a generation-only cell has no VQA score).", ""]
-    lines += [tables(experiment)]
+    lines += [tables(experiment), thresholds_table(experiment)]
     failed = [c for c in experiment.cells if c.state == "failed"]
     if failed:
         lines += ["## Failed cells", ""]

@@ -360,7 +360,10 @@ def default_out(spec: ExperimentSpec) -> Path:
 
 DEFAULT_CURVES = {"understanding": "val/vqa/total", "generation": "val/gen/total"}  # VQA and generation probes
 CURVE_TASKS = {"understanding": "vqa", "generation": "generation"}
-REPORT_KEYS = {"curves", "lines", "bars", "replicates"}
+REPORT_KEYS = {"curves", "lines", "bars", "replicates", "thresholds"}
+# Steps until a validation probe first reaches a level (docs/experiments.md): the levels the learned
+# tiny recipe reaches, so that learning sooner shows even where the end points agree.
+DEFAULT_THRESHOLDS = {"val/vqa/position": 0.9, "val/vqa/total": 0.9, "val/gen/weather_pos": 0.9, "val/gen/total": 0.6}
 
 
 def check_report_options(report: dict, axes: list[str], spec_path) -> None:
@@ -380,3 +383,7 @@ def check_report_options(report: dict, axes: list[str], spec_path) -> None:
     bars = report.get("bars", {})
     if not isinstance(bars, dict) or set(bars) - {"metrics"}:
         raise SpecError(f"{spec_path}: report.bars must be {{metrics: [scope.metric, ...]}}")
+    thresholds = report.get("thresholds", {})
+    if not isinstance(thresholds, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in thresholds.items()):
+        raise SpecError(f"{spec_path}: report.thresholds maps a metrics.csv column to a level, e.g. {DEFAULT_THRESHOLDS}")
