@@ -58,12 +58,13 @@ BATTERY_BARS = ("short", "paper")
 
 @dataclass(frozen=True)
 class WatchStyle:
-    """How a watch is drawn, apart from its attributes; the defaults are the paper-like look.
+    """How a watch is drawn, apart from its attributes; the defaults are the look every shipped
+    weight was trained on (the paper's, but for the battery bar: see ``battery_bar``).
 
     ``icons``: ``default`` (the procedural icons below), ``flat`` (another design: an orange sun
     with a ring of dots, an outlined white cloud, a blue-grey cloud with rain streaks) or ``paper``
-    (after the paper's PNG icons: cloudy is a pale white cloud, lighter than the background's
-    neighbours, with a small sun peeking out at its top left; a sun with a thin pale halo; a grey
+    (after the paper's PNG icons: a plain yellow sun with a pale halo; cloudy a pale white cloud,
+    barely visible on the white background, with a small sun peeking out at its top left; a grey
     cloud over blue drops).
     ``battery_color``: the fill bar colour, one of BATTERY_COLORS. ``font``: the battery text.
     ``default`` is Pillow's scalable default font, Aileron Regular (``ImageFont.load_default(size=)``,
