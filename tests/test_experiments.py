@@ -391,3 +391,21 @@ def test_bar_labels_keep_the_scope_only_where_names_would_collide():
     assert tick_labels(["all_turns.weather", "all_turns.total"]) == ["weather", "total"]
     assert tick_labels(["all_turns.weather", "first_turn.weather", "all_turns.total"]) == [
         "all_turns.weather", "first_turn.weather", "all_turns.total"]
+
+
+# ------------------------------------------------------------------------------------ archives
+ARCHIVES = sorted(p for p in (ROOT / "docs" / "runs").glob("*") if p.is_dir())
+
+
+@pytest.mark.parametrize("archive", ARCHIVES, ids=[p.name for p in ARCHIVES])
+def test_committed_archives_load_and_match_their_experiment_file(archive):
+    """docs/runs/<name>: what docs/results.md reports, redrawable by `report docs/runs/<name>`."""
+    experiment = load_report(str(archive))
+    spec = load_spec(ROOT / "configs" / "experiments" / f"{archive.name}.yaml")
+    assert experiment.name == spec.name == archive.name
+    assert [c.id for c in experiment.cells] == [c.id for c in spec.cells()]
+    finished = [c for c in experiment.cells if c.state == "done"]
+    assert finished and all(c.scores and c.metrics for c in finished)
+    archived = {p.name for p in archive.iterdir() if p.is_dir()}
+    assert archived == {c.id for c in finished}  # only finished cells are archived
+    assert sum(f.stat().st_size for f in archive.rglob("*") if f.is_file()) < 200_000 * max(1, len(archived))

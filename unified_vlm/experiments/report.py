@@ -193,8 +193,8 @@ def thresholds_table(experiment: Experiment) -> str:
     header = experiment.group_axes + [f"{column} >= {level:g}" for column, level in levels.items()]
     out = ["### steps to threshold", "",
            "Optimiser steps until the validation probe first reaches the level: mean ± sample std over the seeds "
-           "that reached it, then reached/finished. The probes run every `trainer.val_check_interval` steps, "
-           "so the steps are multiples of it.", "",
+           "that reached it, then reached/finished. The probes run every `trainer.val_check_interval` batches of a "
+           "data epoch (Lightning restarts the count at each epoch), so a step is only as fine as that interval.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = 0
     for key, cells in grouped.items():
