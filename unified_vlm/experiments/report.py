@@ -194,7 +194,7 @@ def thresholds_table(experiment: Experiment) -> str:
     out = ["### steps to threshold", "",
            "Optimiser steps until the validation probe first reaches the level: mean ± sample std over the seeds "
            "that reached it, then reached/finished. The probes run every `trainer.val_check_interval` batches of a "
-           "data epoch (Lightning restarts the count at each epoch), so a step is only as fine as that interval.", "",
+           "data epoch (Lightning starts the interval again at each epoch), so a step is only as fine as that interval.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = 0
     for key, cells in grouped.items():
