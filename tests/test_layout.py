@@ -118,3 +118,12 @@ def test_the_checker_sees_lazy_imports_and_cycles():
     assert "unified_vlm.models.builders" in graph["unified_vlm.models.unified"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_two_modules_share_a_file_name():
+    """A traceback or a search names a file by its name: each module's name is its own."""
+    names: dict[str, list[str]] = {}
+    for path in ROOT.rglob("*.py"):
+        if path.name != "__init__.py":
+            names.setdefault(path.name, []).append(module_name(path))
+    assert {name: mods for name, mods in names.items() if len(mods) > 1} == {}

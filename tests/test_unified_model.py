@@ -7,7 +7,7 @@ import torch
 
 from unified_vlm.datamodules.collate import ConversationCollator
 from unified_vlm.evaluation.record_tasks import generate_images
-from unified_vlm.models.generation import filter_logits
+from unified_vlm.models.decoding import filter_logits
 from unified_vlm.models.unified import UnifiedVLM
 
 

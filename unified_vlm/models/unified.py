@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from unified_vlm.chat_format import ChatFormat, check_prompt_dropout
-from unified_vlm.models import generation, losses, parameter_table, staged, trainable_checkpoint
+from unified_vlm.models import decoding, losses, parameter_table, staged, trainable_checkpoint
 from unified_vlm.models.backbones import apply_training_policy
 from unified_vlm.models.builders import (
     build_encoder,
@@ -42,9 +42,9 @@ from unified_vlm.models.config import (
     coerce,
     to_primitive,
 )
+from unified_vlm.models.decoding import Generated
 from unified_vlm.models.distortion import build_distortion
 from unified_vlm.models.feature_norm import build_feature_norm
-from unified_vlm.models.generation import Generated
 from unified_vlm.models.projectors import TokenSlotEmbedding
 from unified_vlm.models.schedules import warmup_cosine_over
 from unified_vlm.registry import BACKBONES, HEADS, PROJECTORS
@@ -341,10 +341,10 @@ class UnifiedVLM(L.LightningModule):
         cfg_scale: Optional[float] = None,
         uncond_prompts: Optional[list[list[int]]] = None,
     ) -> list[Generated]:
-        """Batched prefill-then-decode over text and image tokens: ``generation.generate`` (its
+        """Batched prefill-then-decode over text and image tokens: ``decoding.generate`` (its
         docstring says how); prompts are token ids (``self.chat_format.encode_prompt``), settings
         left None come from ``model.sampling``."""
-        return generation.generate(self, prompts, und_images, max_new_tokens, image_policy, temperature, image_temperature,
+        return decoding.generate(self, prompts, und_images, max_new_tokens, image_policy, temperature, image_temperature,
                                    top_k, top_p, seed, use_cache, cfg_scale, uncond_prompts)
 
     def test_step(self, batch: list[dict], batch_idx: int) -> dict:
