@@ -33,7 +33,7 @@ def test_a_missing_builtin_reader_fails_before_training(tmp_path, tiny_vq_dir, m
 
 def test_a_missing_reader_directory_or_inception_file_fails_before_training(tmp_path, tiny_vq_dir, capsys):
     assert main(fit_args(tmp_path, tiny_vq_dir) + ["--report.reader", str(tmp_path / "no_reader")]) == 2
-    assert f"watch reader file {tmp_path / 'no_reader'}" in capsys.readouterr().err
+    assert f"watch reader directory '{tmp_path / 'no_reader'}' does not exist" in capsys.readouterr().err
     assert main(fit_args(tmp_path, tiny_vq_dir) + ["--report.inception_weights", str(tmp_path / "pt_inception.pth")]) == 2
     assert "report.inception_weights" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))

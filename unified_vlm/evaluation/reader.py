@@ -384,7 +384,8 @@ def load_reader(path: str | os.PathLike | None = "builtin") -> WatchReader:
             found = cached(asset)
         if found is None:
             raise FileNotFoundError(
-                f"no {name} watch reader (neither unified_vlm/assets/{asset} nor {cached(asset)}): "
+                f"no built-in {'' if name == 'builtin' else name + ' '}watch reader "
+                f"(neither unified_vlm/assets/{asset} nor {cached(asset)}): "
                 f"train one with `python -m unified_vlm train-reader --out {cached(asset)}` or pass a reader directory"
             )
         return WatchReader.from_pretrained(found)
