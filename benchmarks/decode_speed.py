@@ -25,13 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
-import yaml
 
 from unified_vlm.assets import require_builtin
+from unified_vlm.benchmarking import check_precision, read_config, run
 from unified_vlm.models.part_files import CONFIG_NAME
 from unified_vlm.models.unified import UnifiedVLM
 from unified_vlm.models.vq_tokenizer import VQTokenizer, VQTokenizerConfig
-from unified_vlm.precision import auto_precision
 
 PROMPT = "Draw a smart watch showing 10:08:30, with weather displayed at top-left."
 
@@ -86,8 +85,8 @@ def main() -> None:
     p.add_argument("--image-sizes", default="64,128", help="VQ input sizes: 64 px = 64 tokens, 128 px = 256")
     p.add_argument("--no-recompute", action="store_true", help="skip the full-recompute loop")
     args = p.parse_args()
-    config = yaml.safe_load(open(args.config))
-    precision, _ = auto_precision("cpu")
+    config = read_config(args.config)
+    precision = check_precision("auto", config)
     bf16 = precision == "bf16-mixed"
     dtype = torch.bfloat16 if bf16 else torch.float32
     print(f"config {args.config}  precision {precision}  threads {torch.get_num_threads()}")
@@ -114,4 +113,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -36,12 +36,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import lightning as L
 import torch
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from unified_vlm.benchmarking import build, check_precision, read_config, run
 from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
 from unified_vlm.models.unified import UnifiedVLM
-from unified_vlm.precision import resolve_precision
 
 MODULES = ("encoder", "output_space", "und_projector", "gen_projector", "decoder", "lm_head", "head")
 
@@ -187,12 +186,11 @@ def main() -> None:
     p.add_argument("--precision", default=None, help="override trainer.precision (auto, bf16-mixed, 32-true)")
     p.add_argument("--peak-seconds", type=float, default=1.0, help="time each matmul peak is measured for")
     args = p.parse_args()
-    config = yaml.safe_load(open(args.config))
+    config = read_config(args.config)
     config["data"].pop("curriculum", None)  # the mix a run spends most of its steps on
-    precision = resolve_precision(args.precision or config["trainer"].get("precision", "auto"), "cpu")
-    bf16 = precision == "bf16-mixed"
-    model = UnifiedVLM(**config["model"])
-    data = UnifiedDataModule(**config["data"])
+    precision = check_precision(args.precision, config)
+    bf16 = precision.startswith("bf16")
+    model, data = build(config, args.config)
     profile = StepProfile(args.warmup)
     profile.attach(model)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=args.steps + args.warmup,
@@ -237,4 +235,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -16,11 +16,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import lightning as L
 import torch
-import yaml
 
-from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
-from unified_vlm.models.unified import UnifiedVLM
-from unified_vlm.precision import resolve_precision
+from unified_vlm.benchmarking import build, check_precision, read_config, run
 
 
 class Timer(L.Callback):
@@ -42,11 +39,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--precision", default=None, help="override trainer.precision")
     args = p.parse_args()
-    config = yaml.safe_load(open(args.config))
-    model = UnifiedVLM(**config["model"])
-    data = UnifiedDataModule(**config["data"])
+    config = read_config(args.config)
+    precision = check_precision(args.precision, config)
+    model, data = build(config, args.config)
     timer = Timer(args.warmup)
-    precision = resolve_precision(args.precision or config["trainer"].get("precision", "auto"), "cpu")
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision=precision, max_steps=args.steps + args.warmup,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
@@ -61,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -105,3 +105,39 @@ def test_decode_speed_runs_and_cached_tokens_match(monkeypatch, capsys):
     bench.main()
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert row[0] == "64" and row[1] == "2" and row[5] == "True"  # the cached loop draws the recomputed tokens
+
+
+@pytest.mark.parametrize("name", ["train_speed", "train_mfu", "decode_speed"])
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "configs/nope.yaml"], "--config configs/nope.yaml: cannot read it"),
+    (["--config", "configs/experiments/tiny_transfer.yaml"],
+     "--config configs/experiments/tiny_transfer.yaml: no model or data section; give a training config"),
+    (["--precision", "16-fancy"], "--precision 16-fancy: the CPU benchmarks run one of"),
+])
+def test_benchmarks_refuse_bad_input_with_a_message(name, argv, message, monkeypatch, capsys):
+    """A config that is missing or not a training config, or a precision the CPU cannot run: exit 2 and
+    a line that says what to change, before anything is built or timed."""
+    from unified_vlm.benchmarking import run
+
+    if name == "decode_speed" and argv[0] == "--precision":
+        pytest.skip("decode_speed takes no --precision (it runs the CPU's auto precision)")
+    bench = load(name)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", [name] + argv)
+    with pytest.raises(SystemExit) as stopped:
+        run(bench.main)
+    assert stopped.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_a_config_that_does_not_build_names_its_file(tmp_path):
+    import yaml
+
+    from unified_vlm.benchmarking import BenchmarkError, build, read_config
+
+    config = yaml.safe_load((ROOT / "configs" / "tiny_siglip_vq.yaml").read_text())
+    config["model"]["colour"] = "red"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(BenchmarkError, match=f"--config {path}: the model or data does not build: .*colour"):
+        build(read_config(path), path)
