@@ -107,20 +107,23 @@ def test_decode_speed_runs_and_cached_tokens_match(monkeypatch, capsys):
     assert row[0] == "64" and row[1] == "2" and row[5] == "True"  # the cached loop draws the recomputed tokens
 
 
-@pytest.mark.parametrize("name", ["train_speed", "train_mfu", "decode_speed"])
-@pytest.mark.parametrize("argv, message", [
+BAD_INPUT = [
     (["--config", "configs/nope.yaml"], "--config configs/nope.yaml: cannot read it"),
     (["--config", "configs/experiments/tiny_transfer.yaml"],
      "--config configs/experiments/tiny_transfer.yaml: no model or data section; give a training config"),
-    (["--precision", "16-fancy"], "--precision 16-fancy: the CPU benchmarks run one of"),
+]
+BAD_PRECISION = (["--precision", "16-fancy"], "--precision 16-fancy: the CPU benchmarks run one of")
+
+
+@pytest.mark.parametrize("name, argv, message", [
+    *[(name, argv, message) for name in ("train_speed", "train_mfu", "decode_speed") for argv, message in BAD_INPUT],
+    *[(name, *BAD_PRECISION) for name in ("train_speed", "train_mfu")],  # decode_speed runs the CPU's auto precision
 ])
 def test_benchmarks_refuse_bad_input_with_a_message(name, argv, message, monkeypatch, capsys):
     """A config that is missing or not a training config, or a precision the CPU cannot run: exit 2 and
     a line that says what to change, before anything is built or timed."""
     from unified_vlm.benchmarking import run
 
-    if name == "decode_speed" and argv[0] == "--precision":
-        pytest.skip("decode_speed takes no --precision (it runs the CPU's auto precision)")
     bench = load(name)
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", [name] + argv)
