@@ -27,7 +27,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 from unified_vlm.assets import require_builtin
-from unified_vlm.benchmarking import check_precision, read_config, run
+from unified_vlm.benchmarking import check_precision, linear_params, matmul_peak, read_config, run
 from unified_vlm.models.part_files import CONFIG_NAME
 from unified_vlm.models.unified import UnifiedVLM
 from unified_vlm.models.vq_tokenizer import VQTokenizer, VQTokenizerConfig
@@ -48,25 +48,11 @@ def model_with_grid(config: dict, image_size: int, directory: Path) -> UnifiedVL
     return UnifiedVLM(**model_config).eval()
 
 
-def linear_params(module: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
-
-
 def step_flops(model: UnifiedVLM, batch: int, context: int) -> float:
     config = model.lm.config
     body = linear_params(model.decoder)
     attention = 2 * 2 * config.hidden_size * config.num_hidden_layers * context
     return batch * (2 * body + attention + 2 * linear_params(model.head) + 2 * linear_params(model.gen_projector))
-
-
-def matmul_peak(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    return 2 * m * k * n * count / (time.perf_counter() - start)
 
 
 def draw(model: UnifiedVLM, batch: int, use_cache: bool, autocast: bool):
@@ -105,7 +91,7 @@ def main() -> None:
                     same = bool(torch.equal(cached_tokens, full_tokens))
                 step = cached / (tokens + 2)  # image tokens plus IMAGE_START and IMAGE_END steps
                 h, i = model.lm.config.hidden_size, model.lm.config.intermediate_size
-                bound = step_flops(model, batch, prompt_len + tokens // 2) / matmul_peak(batch, h, i, dtype)
+                bound = step_flops(model, batch, prompt_len + tokens // 2) / matmul_peak(batch, h, i, dtype, seconds=0.5)
                 print(f"{tokens:>6} {batch:>5} {cached:>9.2f} "
                       f"{'-' if recompute is None else f'{recompute:.2f}':>12} "
                       f"{'-' if recompute is None else f'{recompute / cached:.1f}x':>9} {'-' if same is None else str(same):>12} "

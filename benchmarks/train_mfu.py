@@ -38,7 +38,7 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from unified_vlm.benchmarking import build, check_precision, read_config, run
+from unified_vlm.benchmarking import build, check_precision, linear_params, matmul_peak, read_config, run
 from unified_vlm.datamodules.unified_datamodule import UnifiedDataModule
 from unified_vlm.models.unified import UnifiedVLM
 
@@ -115,10 +115,6 @@ class StepProfile(L.Callback):
         self._end = self._mark if self.active else None
 
 
-def linear_params(module: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
-
-
 def model_flops(model: UnifiedVLM, batch: dict) -> float:
     """Useful training FLOPs of one batch (see the module doc); the frozen towers' forward counted
     by the flop counter, everything trained x3 (forward + backward)."""
@@ -150,17 +146,6 @@ def executed_flops(model: UnifiedVLM, batch: dict, autocast: bool) -> float:
         out["loss"].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
-
-
-def matmul_peak(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    iterations, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        iterations += 1
-    return 2 * m * k * n * iterations / (time.perf_counter() - start)
 
 
 def data_engine_rate(config: dict, model: UnifiedVLM, batches: int) -> float:

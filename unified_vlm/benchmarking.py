@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
 
 from unified_vlm.precision import CPU_BF16_FLAGS, cpu_flags, resolve_precision
@@ -60,6 +62,24 @@ def build(config: dict[str, Any], path: str | Path) -> tuple[Any, Any]:
         return UnifiedVLM(**config["model"]), UnifiedDataModule(**config["data"])
     except (TypeError, ValueError, KeyError, FileNotFoundError) as err:
         raise BenchmarkError(f"--config {path}: the model or data does not build: {err}") from err
+
+
+def linear_params(module: torch.nn.Module) -> int:
+    """Weights of the Linear layers in ``module``: 2x this many FLOPs per token forward."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def matmul_peak(m: int, k: int, n: int, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Dense matmul FLOP/s of (m x k) @ (k x n) in ``dtype``, measured for ``seconds`` in this process
+    (its threads, its precision): the limit the benchmarks compare model FLOP rates with."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    iterations, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        iterations += 1
+    return 2 * m * k * n * iterations / (time.perf_counter() - start)
 
 
 def run(main: Callable[[], Any]) -> None:
