@@ -107,17 +107,34 @@ def test_decode_speed_runs_and_cached_tokens_match(monkeypatch, capsys):
     assert row[0] == "64" and row[1] == "2" and row[5] == "True"  # the cached loop draws the recomputed tokens
 
 
+def test_experiment_workers_times_a_shortened_matrix(monkeypatch, capsys):
+    """One real cell, shortened to 2 steps and 2 scored watches, through the experiment runner."""
+    bench = load("experiment_workers")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["experiment_workers.py", "--only", "architecture=siglip_vq,regime=mixed,seed=0",
+                                      "--steps", "2", "--test-watches", "2", "--workers", "1"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "1 cell(s) of tiny_learned_mixed_vs_specific.yaml" in out and "| 1 | " in out and out.rstrip().endswith("| 1.00 |")
+
+
 BAD_INPUT = [
     (["--config", "configs/nope.yaml"], "--config configs/nope.yaml: cannot read it"),
     (["--config", "configs/experiments/tiny_transfer.yaml"],
      "--config configs/experiments/tiny_transfer.yaml: no model or data section; give a training config"),
 ]
 BAD_PRECISION = (["--precision", "16-fancy"], "--precision 16-fancy: the CPU benchmarks run one of")
+BAD_MATRIX = [
+    (["--experiment", "configs/nope.yaml"], "--experiment configs/nope.yaml: no such file"),
+    (["--only", "seed=9"], "--experiment configs/experiments/tiny_learned_mixed_vs_specific.yaml: --only 'seed=9' matches no cell"),
+    (["--workers", "1", "99"], "--workers [1, 99]: each must be between 1 and the"),
+]
 
 
 @pytest.mark.parametrize("name, argv, message", [
     *[(name, argv, message) for name in ("train_speed", "train_mfu", "decode_speed") for argv, message in BAD_INPUT],
     *[(name, *BAD_PRECISION) for name in ("train_speed", "train_mfu")],  # decode_speed runs the CPU's auto precision
+    *[("experiment_workers", argv, message) for argv, message in BAD_MATRIX],
 ])
 def test_benchmarks_refuse_bad_input_with_a_message(name, argv, message, monkeypatch, capsys):
     """A config that is missing or not a training config, or a precision the CPU cannot run: exit 2 and

@@ -241,3 +241,19 @@ def test_the_tiny_configs_share_one_recipe():
         other = flatten(yaml.safe_load(config.read_text()))
         differing = sorted(k for k in set(main) | set(other) if main.get(k, "<absent>") != other.get(k, "<absent>"))
         assert set(differing) <= ARCHITECTURE_KEYS, f"{config.name} departs from the shared recipe at {set(differing) - ARCHITECTURE_KEYS}"
+
+
+def test_validation_counts_optimiser_steps_across_data_epochs(tmp_path, tiny_vq_dir):
+    """``val_check_interval`` in the tiny configs counts optimiser steps over the whole run: a run
+    whose data epoch (3 steps here) is shorter than the interval still validates every 4 steps,
+    where Lightning's default (``check_val_every_n_epoch: 1``) would restart the count each epoch."""
+    tiny = tiny_overrides(tmp_path, tiny_vq_dir)
+    main(["fit", "--config", str(MAIN_CONFIG), "--config", str(tiny), "--data.num_train_watches", "4",
+          "--data.proportions", "null", "--data.curriculum", "null", "--trainer.max_steps", "9",
+          "--trainer.val_check_interval", "4", "--test_after_fit", "false"])
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "version_0" / "metrics.csv").open()))
+    validated = sorted({int(r["step"]) for r in rows if r.get("val/vqa/total")})
+    epochs = {int(r["epoch"]) for r in rows}
+    assert validated == [3, 7] and len(epochs) >= 3, (validated, epochs)
