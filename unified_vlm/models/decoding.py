@@ -171,24 +171,29 @@ def generate(
                 for sid in stop_ids:
                     logits[:, sid] = float("-inf")
             tokens = sample_logits(logits, temperature, top_k, top_p, generator).tolist()
-            for row, token in zip(text_rows, tokens):
+            for k, row in enumerate(text_rows):
                 if image_policy == "force" and len(text_out[row]) + 1 >= max_new_tokens:
-                    token = ids["image_start"]
+                    tokens[k] = ids["image_start"]
+                token = tokens[k]
                 text_out[row].append(token)
-                next_embeds[row] = embed_tokens(torch.tensor(token, device=device))
-                next_mask[row] = 1
                 if token == ids["image_start"] and image_policy != "never":
                     mode[row] = IMAGE
                 elif token in stop_ids or len(text_out[row]) >= max_new_tokens:
                     mode[row] = DONE
+            # one embedding lookup and one scatter for all text rows (not one small op per row)
+            text_index = torch.tensor(text_rows, device=device)
+            next_embeds[text_index] = embed_tokens(torch.tensor(tokens, device=device)).to(next_embeds.dtype)
+            next_mask[text_index] = 1
         if image_rows:
             rows_done = [i for i in image_rows if len(image_out[i]) == n_img]
             active = [i for i in image_rows if len(image_out[i]) < n_img]
-            for row in rows_done:  # image complete: close it and stop
-                text_out[row].append(ids["image_end"])
-                next_embeds[row] = embed_tokens(torch.tensor(ids["image_end"], device=device))
-                next_mask[row] = 1
-                mode[row] = DONE
+            if rows_done:  # image complete: close it and stop
+                for row in rows_done:
+                    text_out[row].append(ids["image_end"])
+                    mode[row] = DONE
+                done_index = torch.tensor(rows_done, device=device)
+                next_embeds[done_index] = embed_tokens(torch.tensor(ids["image_end"], device=device)).to(next_embeds.dtype)
+                next_mask[done_index] = 1
             if active:
                 pred = model.head(hidden[active])
                 if guided:
@@ -200,10 +205,12 @@ def generate(
                     token = pred.float()
                 slots = torch.tensor([len(image_out[row]) for row in active], device=device)
                 feats = model.embed_generation_targets(token.unsqueeze(1), slots).squeeze(1)
+                drawn = token.detach().cpu()  # one device-to-host copy per step, not one per row
                 for j, row in enumerate(active):
-                    image_out[row].append(token[j].detach().cpu())
-                    next_embeds[row] = feats[j].to(next_embeds.dtype)
-                    next_mask[row] = 1
+                    image_out[row].append(drawn[j])
+                active_index = torch.tensor(active, device=device)
+                next_embeds[active_index] = feats.to(next_embeds.dtype)
+                next_mask[active_index] = 1
         if all(m == DONE for m in mode):
             break  # the final tokens are recorded; no need to run the LM on them
         if guided:  # the unconditional twins take the same tokens
