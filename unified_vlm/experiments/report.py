@@ -193,8 +193,9 @@ def thresholds_table(experiment: Experiment) -> str:
     header = experiment.group_axes + [f"{column} >= {level:g}" for column, level in levels.items()]
     out = ["### steps to threshold", "",
            "Optimiser steps until the validation probe first reaches the level: mean ± sample std over the seeds "
-           "that reached it, then reached/finished. The probes run every `trainer.val_check_interval` batches of a "
-           "data epoch (Lightning starts the interval again at each epoch), so a step is only as fine as that interval.", "",
+           "that reached it, then reached/finished. The probes run every `trainer.val_check_interval` optimiser steps "
+           "(taken across data epochs where the trainer sets `check_val_every_n_epoch: null`, as the shipped files do; "
+           "otherwise Lightning starts the interval again at each epoch), so a step is only as fine as that interval.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = 0
     for key, cells in grouped.items():
