@@ -104,7 +104,7 @@ def test_decode_speed_runs_and_cached_tokens_match(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["decode_speed.py", "--batches", "2", "--image-sizes", "64"])
     bench.main()
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
-    assert row[0] == "64" and row[1] == "2" and row[5] == "True"  # the cached loop draws the recomputed tokens
+    assert row[0] == "64" and row[1] == "2" and row[6] == "True"  # both caches draw the recomputed tokens
 
 
 def test_experiment_workers_times_a_shortened_matrix(monkeypatch, capsys):

@@ -48,9 +48,11 @@ def _prompts(model, records):
     return [model.chat_format.encode_prompt(r["conversations"], 0) for r in records]
 
 
-def test_kv_cache_matches_full_recompute(model, watch_records):
-    """Greedy decoding with the KV cache gives exactly the tokens of recomputing every step,
-    for text answers and images, in a left-padded batch of different prompt lengths."""
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_kv_cache_matches_full_recompute(model, watch_records, cache):
+    """Greedy decoding with the KV cache (preallocated or grown) gives exactly the tokens of
+    recomputing every step, for text answers and images, in a left-padded batch of different
+    prompt lengths."""
     model.eval()
     torch.manual_seed(1)
     gen = [r for r in watch_records if r["task"] == "generation"][:2]
@@ -58,19 +60,24 @@ def test_kv_cache_matches_full_recompute(model, watch_records):
     prompts, images = _prompts(model, gen + vqa), [None, None] + [r["image"] for r in vqa]
     assert len({len(p) for p in prompts}) > 1
     for policy in ("force", "auto"):
-        cached = model.generate(prompts, images, max_new_tokens=6, image_policy=policy, use_cache=True)
+        cached = model.generate(prompts, images, max_new_tokens=6, image_policy=policy, use_cache=True, cache=cache)
         full = model.generate(prompts, images, max_new_tokens=6, image_policy=policy, use_cache=False)
         for a, b in zip(cached, full):
             assert a.text_ids == b.text_ids
             assert (a.image_tokens is None) == (b.image_tokens is None)
             if a.image_tokens is not None:
                 assert torch.equal(a.image_tokens, b.image_tokens)
-    forced = model.generate(prompts[:2], max_new_tokens=3, image_policy="force")
+    forced = model.generate(prompts[:2], max_new_tokens=3, image_policy="force", cache=cache)
     for out in forced:
         assert out.image_tokens is not None and len(out.image_tokens) == model.output_space.num_tokens
         assert out.text_ids[-1] == model.ids["image_end"]
-    never = model.generate(prompts, images, max_new_tokens=4, image_policy="never")
+    never = model.generate(prompts, images, max_new_tokens=4, image_policy="never", cache=cache)
     assert all(o.image_tokens is None and model.ids["image_start"] not in o.text_ids for o in never)
+
+
+def test_generate_rejects_an_unknown_cache_kind(model):
+    with pytest.raises(ValueError, match="cache must be static or dynamic"):
+        model.generate([[model.ids["pad"]]], cache="paged")
 
 
 def test_sampling_is_reproducible_with_a_seed(model, watch_records):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,18 @@ def warn_unguidable(model, cfg_scale: float) -> None:
         model._warned_unguidable = True
 
 TEXT, IMAGE, DONE = 0, 1, 2
+
+
+class PreallocatedCache(StaticCache):
+    """transformers' StaticCache that stores keys and values in one dtype, that of the first keys.
+    Under autocast the keys come out of the rotary embedding in fp32 (its tables follow the fp32
+    input embeddings) while the values stay bf16; the growing cache keeps each as it comes, the
+    preallocated one holds both in the keys' dtype and must cast before writing in place."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        dtype = layer.dtype if layer.is_initialized else key_states.dtype
+        return super().update(key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs)
 
 
 @dataclass
@@ -93,6 +105,7 @@ def generate(
     use_cache: bool = True,
     cfg_scale: Optional[float] = None,
     uncond_prompts: Optional[list[list[int]]] = None,
+    cache: str = "static",
 ) -> list[Generated]:
     """Batched prefill-then-decode over text and image tokens with ``model`` (a UnifiedVLM).
 
@@ -102,6 +115,9 @@ def generate(
     ``auto`` (the model decides), ``force`` (an image is always produced: ending the turn
     before one opens it instead) or ``never`` (IMAGE_START is masked). With ``use_cache=False``
     every step recomputes the whole sequence (the paper's loop); both give the same tokens.
+    ``cache``: ``static`` (default) preallocates the keys and values of the longest possible sequence
+    and writes each step in place; ``dynamic`` grows them by concatenation, which copies the whole
+    cache at every step (measured: most of a cached step's time at batch 64, docs/machines.md).
 
     Classifier-free guidance (``cfg_scale`` != 1, needs ``uncond_prompts``): each prompt runs
     beside its unconditional twin, which copies the text tokens the conditional row samples;
@@ -112,6 +128,8 @@ def generate(
     """
     if image_policy not in ("auto", "force", "never"):
         raise ValueError(f"image_policy must be auto, force or never, got {image_policy!r}")
+    if cache not in ("static", "dynamic"):
+        raise ValueError(f"cache must be static or dynamic, got {cache!r}")
     s = model.sampling_spec
     max_new_tokens = s.max_new_tokens if max_new_tokens is None else max_new_tokens
     temperature = s.temperature if temperature is None else temperature
@@ -148,11 +166,15 @@ def generate(
     embeds = model.embed_inputs(input_ids, und)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
 
-    cache = DynamicCache(config=model.lm.config) if use_cache else None
-    hidden = decode_step(model, embeds, attention, positions, cache)
+    n_img = model.output_space.num_tokens
+    kv_cache = None
+    if use_cache and cache == "dynamic":
+        kv_cache = DynamicCache(config=model.lm.config)
+    elif use_cache:  # room for every step the loop can take: text, IMAGE_START, the image, IMAGE_END
+        kv_cache = PreallocatedCache(config=model.lm.config, max_cache_len=length + max_new_tokens + n_img + 2)
+    hidden = decode_step(model, embeds, attention, positions, kv_cache)
     all_embeds = embeds
 
-    n_img = model.output_space.num_tokens
     mode = [TEXT] * B
     text_out: list[list[int]] = [[] for _ in range(B)]
     image_out: list[list[torch.Tensor]] = [[] for _ in range(B)]
@@ -220,7 +242,7 @@ def generate(
         positions = torch.cat([positions, new_pos], dim=1)
         step_embeds = next_embeds[:, None].to(all_embeds.dtype)
         if use_cache:
-            hidden = decode_step(model, step_embeds, attention, new_pos, cache)
+            hidden = decode_step(model, step_embeds, attention, new_pos, kv_cache)
         else:
             all_embeds = torch.cat([all_embeds, step_embeds], dim=1)
             hidden = decode_step(model, all_embeds, attention, positions, None)

@@ -340,12 +340,13 @@ class UnifiedVLM(L.LightningModule):
         use_cache: bool = True,
         cfg_scale: Optional[float] = None,
         uncond_prompts: Optional[list[list[int]]] = None,
+        cache: str = "static",
     ) -> list[Generated]:
         """Batched prefill-then-decode over text and image tokens: ``decoding.generate`` (its
         docstring says how); prompts are token ids (``self.chat_format.encode_prompt``), settings
         left None come from ``model.sampling``."""
         return decoding.generate(self, prompts, und_images, max_new_tokens, image_policy, temperature, image_temperature,
-                                   top_k, top_p, seed, use_cache, cfg_scale, uncond_prompts)
+                                   top_k, top_p, seed, use_cache, cfg_scale, uncond_prompts, cache)
 
     def test_step(self, batch: list[dict], batch_idx: int) -> dict:
         """Answer, caption and draw a batch of test records with ``self.record_tasks``.
