@@ -275,6 +275,42 @@ def test_archive_keeps_what_the_report_reads_and_grows_across_machines(tmp_path,
     assert "archives another experiment" in capsys.readouterr().err
 
 
+def test_a_new_checkout_skips_the_cells_finished_in_an_archive(tmp_path, capsys):
+    """``experiment --archive DIR``: the cells a committed archive holds are not run again where the run
+    directory is gone (a new checkout); the rest are planned as usual. A wrong archive is refused."""
+    spec_path = write(tmp_path / "e.yaml", {
+        "name": "fake", "base": BASE,
+        "axes": {"strength": {"kind": "key", "key": "model.optim.lr", "values": [0.1, 0.3]},
+                 "seed": {"kind": "seed", "values": [0, 1]}},
+    })
+    first, kept, fresh = tmp_path / "machine1", tmp_path / "archive", tmp_path / "new_checkout"
+    fake_cell(first, "strength=0.1__seed=0", 0.5)
+    fake_cell(first, "strength=0.3__seed=1", 0.4)
+    assert report_main([str(spec_path), "--out", str(first), "--archive", str(kept)]) == 0
+    capsys.readouterr()
+
+    assert experiment_main([str(spec_path), "--out", str(fresh), "--archive", str(kept), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 cell(s) finished in the archive" in printed and "experiment fake: 2 cell(s)" in printed
+    assert "[new] strength=0.1__seed=1" in printed and "[new] strength=0.3__seed=0" in printed
+    assert "] strength=0.1__seed=0" not in printed and "] strength=0.3__seed=1" not in printed
+    assert experiment_main([str(spec_path), "--out", str(fresh), "--archive", str(kept),
+                            "--emit-slurm", str(tmp_path / "array.sh")]) == 0
+    script = (tmp_path / "array.sh").read_text()
+    assert "#SBATCH --array=0-1" in script and "strength=0.1__seed=0" not in script
+    # every selected cell archived: nothing runs, the command succeeds and names the archive's report
+    assert experiment_main([str(spec_path), "--out", str(fresh), "--archive", str(kept), "--only", "seed=0,strength=0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "1/1 cell(s) done" in printed and f"report {kept}" in printed
+    assert not (fresh / "strength=0.1__seed=0").exists()
+
+    assert experiment_main([str(spec_path), "--archive", str(tmp_path / "nowhere"), "--dry-run"]) == 2
+    assert "no such directory" in capsys.readouterr().err
+    other = write(tmp_path / "other.yaml", {"name": "other", "base": BASE, "axes": {"seed": {"kind": "seed", "values": [0]}}})
+    assert experiment_main([str(other), "--out", str(fresh), "--archive", str(kept), "--dry-run"]) == 2
+    assert "archives experiment 'fake', not 'other'" in capsys.readouterr().err
+
+
 def test_report_averages_over_a_named_replicate_axis(tmp_path):
     """An overrides axis whose values are replicates (each its own start and seed) is averaged over."""
     spec_path = write(tmp_path / "e.yaml", {

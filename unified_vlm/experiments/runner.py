@@ -248,7 +248,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cell", default=None, help="run exactly this cell id (what each SLURM array task runs)")
     parser.add_argument("--out", default=None, help="run directory (default runs/experiments/<name>)")
     parser.add_argument("--emit-slurm", default=None, metavar="FILE", help="write a SLURM job-array script (one task per selected cell) and exit")
+    parser.add_argument("--archive", default=None, metavar="DIR",
+                        help="skip the cells finished in DIR, an archive written by `report --archive` (e.g. a committed "
+                             "docs/runs/<name>): a new checkout goes on with the cells that are left")
     return parser
+
+
+def archived_cells(spec: ExperimentSpec, plans: list[CellPlan], archive: Path) -> set[str]:
+    """The ids of the cells not done in the run directory but finished in ``archive`` (``report --archive``'s
+    copy, which outlives the run directory). An archive of another experiment is refused."""
+    from unified_vlm.experiments.report import EXPERIMENT_FILE
+
+    if not archive.is_dir():
+        raise SpecError(f"--archive {archive}: no such directory (`report FILE --archive DIR` writes one)")
+    meta = archive / EXPERIMENT_FILE
+    if not meta.is_file():
+        raise SpecError(f"--archive {archive}: no {EXPERIMENT_FILE}, so it is not an archive written by `report --archive`")
+    name = json.loads(meta.read_text()).get("name")
+    if name != spec.name:
+        raise SpecError(f"--archive {archive} archives experiment {name!r}, not {spec.name!r}: choose its own archive")
+    return {p.id for p in plans if results.state(p.directory) != "done" and results.state(archive / p.id) == "done"}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -264,6 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             plans = plan_cells(spec, out_dir, chosen)
         else:
             plans = select_plans(plan_cells(spec, out_dir), args.only)
+        archived = archived_cells(spec, plans, Path(args.archive)) if args.archive else set()
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -271,6 +291,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         from unified_vlm.experiments.report import EXPERIMENT_FILE, snapshot
 
         _write_json(out_dir / EXPERIMENT_FILE, snapshot(spec, out_dir))
+    if archived:
+        print(f"{len(archived)} cell(s) finished in the archive {args.archive}, skipped: {', '.join(sorted(archived))}")
+        plans = [p for p in plans if p.id not in archived]
     if args.emit_slurm:
         path = Path(args.emit_slurm)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,10 +321,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: running cells were stopped; run the same command again to resume them", file=sys.stderr)
         return 130
+    outcome.update({cell_id: "done" for cell_id in archived})
     failed = sorted(c for c, s in outcome.items() if s != "done")
     print(f"{len(outcome) - len(failed)}/{len(outcome)} cell(s) done" + (f"; not done: {', '.join(failed)}" if failed else ""))
     out_option = f" --out {shlex.quote(str(out_dir))}" if args.out else ""
-    print(f"tables and figures: python -m unified_vlm report {shlex.quote(str(spec.path))}{out_option}")
+    if args.archive:  # the report of all cells is the archive's, once the new ones are added to it
+        archive = shlex.quote(str(args.archive))
+        print(f"tables and figures: python -m unified_vlm report {shlex.quote(str(spec.path))}{out_option} --archive {archive}"
+              f" && python -m unified_vlm report {archive}")
+    else:
+        print(f"tables and figures: python -m unified_vlm report {shlex.quote(str(spec.path))}{out_option}")
     return 1 if failed else 0
 
 
