@@ -190,12 +190,18 @@ def fake_cell(root: Path, cell_id: str, total: float | None, mode: str = "mixed"
     (directory / results.DONE).write_text("{}")
 
 
-def test_report_averages_over_seeds_and_marks_failures(tmp_path, capsys):
-    spec_path = write(tmp_path / "e.yaml", {
+def strength_by_seed(tmp_path: Path, **extra) -> Path:
+    """An experiment file of two learning rates by two seeds (the report and archive tests' matrix)."""
+    return write(tmp_path / "e.yaml", {
         "name": "fake", "base": BASE,
         "axes": {"strength": {"kind": "key", "key": "model.optim.lr", "values": [0.1, 0.3]},
                  "seed": {"kind": "seed", "values": [0, 1]}},
+        **extra,
     })
+
+
+def test_report_averages_over_seeds_and_marks_failures(tmp_path, capsys):
+    spec_path = strength_by_seed(tmp_path)
     out = tmp_path / "run"
     fake_cell(out, "strength=0.1__seed=0", 0.5)
     fake_cell(out, "strength=0.1__seed=1", 0.7)
@@ -221,12 +227,7 @@ def test_steps_to_threshold_per_group(tmp_path):
 
     assert steps_to([{"step": 9, "a": 0.3}, {"step": 19, "a": 0.7}, {"step": 29, "a": 0.9}], "a", 0.7) == 20
     assert steps_to([{"step": 9, "a": 0.3}], "a", 0.7) is None
-    spec_path = write(tmp_path / "e.yaml", {
-        "name": "fake", "base": BASE,
-        "axes": {"strength": {"kind": "key", "key": "model.optim.lr", "values": [0.1, 0.3]},
-                 "seed": {"kind": "seed", "values": [0, 1]}},
-        "report": {"thresholds": {"val/vqa/total": 0.5, "val/gen/total": 0.6, "val/other": 1.0}},
-    })
+    spec_path = strength_by_seed(tmp_path, report={"thresholds": {"val/vqa/total": 0.5, "val/gen/total": 0.6, "val/other": 1.0}})
     out = tmp_path / "run"
     fake_cell(out, "strength=0.1__seed=0", 0.5, curve=(0.3, 0.6))  # vqa reaches 0.5 at step 20
     fake_cell(out, "strength=0.1__seed=1", 0.5, curve=(0.55, 0.6))  # at step 10
@@ -243,11 +244,7 @@ def test_steps_to_threshold_per_group(tmp_path):
 def test_archive_keeps_what_the_report_reads_and_grows_across_machines(tmp_path, capsys):
     """``report --archive DIR``: finished cells' scores and logs, a few KB each, from which ``report
     DIR`` gives the same tables once the run directories (here: two machines') are gone."""
-    spec_path = write(tmp_path / "e.yaml", {
-        "name": "fake", "base": BASE,
-        "axes": {"strength": {"kind": "key", "key": "model.optim.lr", "values": [0.1, 0.3]},
-                 "seed": {"kind": "seed", "values": [0, 1]}},
-    })
+    spec_path = strength_by_seed(tmp_path)
     first, second, kept = tmp_path / "machine1", tmp_path / "machine2", tmp_path / "archive"
     fake_cell(first, "strength=0.1__seed=0", 0.5)
     fake_cell(first, "strength=0.3__seed=0", 0.4)
@@ -278,11 +275,7 @@ def test_archive_keeps_what_the_report_reads_and_grows_across_machines(tmp_path,
 def test_a_new_checkout_skips_the_cells_finished_in_an_archive(tmp_path, capsys):
     """``experiment --archive DIR``: the cells a committed archive holds are not run again where the run
     directory is gone (a new checkout); the rest are planned as usual. A wrong archive is refused."""
-    spec_path = write(tmp_path / "e.yaml", {
-        "name": "fake", "base": BASE,
-        "axes": {"strength": {"kind": "key", "key": "model.optim.lr", "values": [0.1, 0.3]},
-                 "seed": {"kind": "seed", "values": [0, 1]}},
-    })
+    spec_path = strength_by_seed(tmp_path)
     first, kept, fresh = tmp_path / "machine1", tmp_path / "archive", tmp_path / "new_checkout"
     fake_cell(first, "strength=0.1__seed=0", 0.5)
     fake_cell(first, "strength=0.3__seed=1", 0.4)
