@@ -269,7 +269,7 @@ def test_archive_keeps_what_the_report_reads_and_grows_across_machines(tmp_path,
                                             "axes": {"seed": {"kind": "seed", "values": [0]}}})
     fake_cell(tmp_path / "run3", "seed=0", 0.5)
     assert report_main([str(other), "--out", str(tmp_path / "run3"), "--archive", str(kept)]) == 2
-    assert "archives another experiment" in capsys.readouterr().err
+    assert "archives experiment 'fake', not 'other'" in capsys.readouterr().err
 
 
 def test_a_new_checkout_skips_the_cells_finished_in_an_archive(tmp_path, capsys):
@@ -302,6 +302,12 @@ def test_a_new_checkout_skips_the_cells_finished_in_an_archive(tmp_path, capsys)
     other = write(tmp_path / "other.yaml", {"name": "other", "base": BASE, "axes": {"seed": {"kind": "seed", "values": [0]}}})
     assert experiment_main([str(other), "--out", str(fresh), "--archive", str(kept), "--dry-run"]) == 2
     assert "archives experiment 'fake', not 'other'" in capsys.readouterr().err
+    # the same name with other axes (a file edited since it was archived) is refused by both commands
+    edited = write(tmp_path / "edited.yaml", {"name": "fake", "base": BASE, "axes": {"seed": {"kind": "seed", "values": [0]}}})
+    assert experiment_main([str(edited), "--out", str(fresh), "--archive", str(kept), "--dry-run"]) == 2
+    assert "with other axes" in capsys.readouterr().err
+    assert report_main([str(edited), "--out", str(fresh), "--archive", str(kept)]) == 2
+    assert "with other axes" in capsys.readouterr().err
 
 
 def test_report_averages_over_a_named_replicate_axis(tmp_path):

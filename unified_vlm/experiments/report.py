@@ -431,6 +431,17 @@ def write_report(experiment: Experiment) -> Path:
     return path
 
 
+def check_archive_owner(out: Path, meta: dict[str, Any]) -> None:
+    """Refuse the archive ``out`` unless it holds the experiment ``meta`` describes (same name and axes):
+    cells of another experiment, or of other axes, must never be mixed into it or read from it."""
+    before = json.loads((out / EXPERIMENT_FILE).read_text())
+    if before.get("name") != meta.get("name"):
+        raise ValueError(f"{out} archives experiment {before.get('name')!r}, not {meta.get('name')!r}: choose its own archive")
+    if before.get("axes") != meta.get("axes"):
+        raise ValueError(f"{out} archives experiment {meta.get('name')!r} with other axes than its file has now "
+                         f"({before.get('axes')} against {meta.get('axes')}): choose another archive")
+
+
 def archive(experiment: Experiment, out: Path) -> list[str]:
     """Copy ``experiment.json`` and every finished cell's scores and training log into ``out``
     (``results.archive_cell``), adding to cells archived there before (from other machines or
@@ -440,10 +451,7 @@ def archive(experiment: Experiment, out: Path) -> list[str]:
     meta = {"name": experiment.name, "description": experiment.description, "options": experiment.options,
             "axes": experiment.axes, "cells": [{"id": c.id, "labels": c.labels} for c in experiment.cells]}
     if (out / EXPERIMENT_FILE).is_file():
-        before = json.loads((out / EXPERIMENT_FILE).read_text())
-        if before.get("name") != meta.get("name") or before.get("axes") != meta.get("axes"):
-            raise ValueError(f"{out} archives another experiment ({before.get('name')!r}, or other axes): "
-                             "choose another directory")
+        check_archive_owner(out, meta)
     out.mkdir(parents=True, exist_ok=True)
     (out / EXPERIMENT_FILE).write_text(json.dumps(meta, indent=2))
     copied = []

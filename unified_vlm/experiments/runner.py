@@ -257,16 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
 def archived_cells(spec: ExperimentSpec, plans: list[CellPlan], archive: Path) -> set[str]:
     """The ids of the cells not done in the run directory but finished in ``archive`` (``report --archive``'s
     copy, which outlives the run directory). An archive of another experiment is refused."""
-    from unified_vlm.experiments.report import EXPERIMENT_FILE
+    from unified_vlm.experiments.report import EXPERIMENT_FILE, check_archive_owner, snapshot
 
     if not archive.is_dir():
         raise SpecError(f"--archive {archive}: no such directory (`report FILE --archive DIR` writes one)")
-    meta = archive / EXPERIMENT_FILE
-    if not meta.is_file():
+    if not (archive / EXPERIMENT_FILE).is_file():
         raise SpecError(f"--archive {archive}: no {EXPERIMENT_FILE}, so it is not an archive written by `report --archive`")
-    name = json.loads(meta.read_text()).get("name")
-    if name != spec.name:
-        raise SpecError(f"--archive {archive} archives experiment {name!r}, not {spec.name!r}: choose its own archive")
+    try:
+        check_archive_owner(archive, snapshot(spec, archive))
+    except ValueError as error:
+        raise SpecError(f"--archive {error}") from None
     return {p.id for p in plans if results.state(p.directory) != "done" and results.state(archive / p.id) == "done"}
 
 
