@@ -117,6 +117,7 @@ BASE = str(ROOT / "configs" / "tiny_vq_vq.yaml")
     ({"base": BASE, "axes": {"lr": {"kind": "key", "key": "model.optim.lr", "values": ["1/2"]}}}, "cannot name a cell directory"),
     ({"base": BASE, "report": {"lines": [{"axis": "strength"}]}}, "report.lines[0]"),
     ({"base": BASE, "axes": {"seed": {"kind": "seed", "values": [0]}}, "report": {"replicates": "start"}}, "report.replicates"),
+    ({"base": BASE, "report": {"compare": "total"}}, "report.compare lists test scores as scope.metric"),
 ])
 def test_bad_experiment_files_name_the_problem(tmp_path, payload, message):
     path = write(tmp_path / "bad.yaml", payload)
@@ -239,6 +240,28 @@ def test_steps_to_threshold_per_group(tmp_path):
     with pytest.raises(SpecError, match="report.thresholds"):
         load_spec(write(tmp_path / "bad.yaml", {"name": "bad", "base": BASE, "axes": {"seed": {"kind": "seed", "values": [0]}},
                                                "report": {"thresholds": {"val/vqa/total": "high"}}}))
+
+
+def test_differences_state_mixed_minus_each_baseline_in_standard_errors():
+    """Hand-made scores: mixed 0.90/0.92/0.94 against 0.80/0.81/0.85 is +0.100, and its standard error
+    sqrt(0.0004/3 + 0.0007/3) = 0.0191 makes it 5.2 SE; a baseline with one seed gets no SE, a regime
+    without the score (generation-only for VQA) no row, an experiment without a regime axis no table."""
+    from unified_vlm.experiments.report import CellResult, Experiment, difference, differences_table
+
+    assert difference([1.0], [0.5, 0.7]) == (pytest.approx(0.4), None)
+    assert difference([0.5, 0.5], [0.5, 0.5]) == (0.0, None)  # no spread: no SE, not a division by zero
+    scores = {"mixed": [0.90, 0.92, 0.94], "understanding_step": [0.80, 0.81, 0.85], "understanding_epoch": [0.70]}
+    cells = [CellResult(f"regime={regime}__seed={seed}", {"regime": regime, "seed": str(seed)}, "done",
+                        {"all_turns.total": value, "generation.faithfulness.total": 0.6} if regime == "mixed"
+                        else {"all_turns.total": value}, [], ())
+             for regime, values in scores.items() for seed, value in enumerate(values)]
+    axes = [{"name": "regime", "kind": "regime", "labels": list(scores)}, {"name": "seed", "kind": "seed", "labels": ["0", "1", "2"]}]
+    table = differences_table(Experiment("x", "", Path("."), axes, {}, cells))
+    assert "| all_turns.total | understanding_step | 0.920 | 0.820 | +0.100 | +5.2 | 3 / 3 |" in table
+    assert "| all_turns.total | understanding_epoch | 0.920 | 0.700 | +0.220 | - | 3 / 1 |" in table
+    assert "generation.faithfulness.total" not in table  # no baseline scores it
+    no_regime = [{"name": "seed", "kind": "seed", "labels": ["0", "1", "2"]}]
+    assert differences_table(Experiment("x", "", Path("."), no_regime, {}, [])) == ""
 
 
 def test_archive_keeps_what_the_report_reads_and_grows_across_machines(tmp_path, capsys):

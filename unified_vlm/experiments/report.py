@@ -24,7 +24,7 @@ from typing import Any, Optional
 import yaml
 
 from unified_vlm.experiments import results
-from unified_vlm.experiments.spec import CURVE_TASKS, DEFAULT_CURVES, DEFAULT_THRESHOLDS
+from unified_vlm.experiments.spec import CURVE_TASKS, DEFAULT_COMPARE, DEFAULT_CURVES, DEFAULT_THRESHOLDS
 
 EXPERIMENT_FILE = "experiment.json"
 
@@ -213,6 +213,60 @@ def thresholds_table(experiment: Experiment) -> str:
         rows += any(cell != "-" for cell in row[len(key):])
         out.append("| " + " | ".join(row) + " |")
     return "\n".join(out) + "\n" if rows else ""
+
+
+REFERENCE_REGIME = "mixed"
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, Optional[float]]:
+    """Mean of ``a`` minus mean of ``b``, and that difference over its standard error
+    sqrt(s_a^2/n_a + s_b^2/n_b) (Welch's); None where a side has one value or both have no spread."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, None
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return diff, (diff / se if se > 0 else None)
+
+
+def differences_table(experiment: Experiment) -> str:
+    """The mixed regime minus each other regime, per group of the other axes, on the test scores of
+    ``report.compare``: the difference of the means and how many standard errors it is. Empty for an
+    experiment without a regime axis holding ``mixed``."""
+    regime = experiment.axis("regime")
+    if regime is None:
+        return ""
+    metrics = experiment.options.get("compare") or DEFAULT_COMPARE
+    others = [a for a in experiment.group_axes if a != regime]
+    by_group: dict[tuple[str, ...], dict[str, list[CellResult]]] = {}
+    for cell in experiment.cells:
+        if cell.scores is not None:
+            key = tuple(cell.labels[a] for a in others)
+            by_group.setdefault(key, {}).setdefault(cell.labels[regime], []).append(cell)
+    rows = []
+    for key, regimes in by_group.items():
+        reference = regimes.get(REFERENCE_REGIME, [])
+        for metric in metrics:
+            a = [c.scores[metric] for c in reference if metric in c.scores]
+            if not a:
+                continue
+            for label, cells in regimes.items():
+                b = [c.scores[metric] for c in cells if metric in c.scores]
+                if label == REFERENCE_REGIME or not b:
+                    continue
+                diff, z = difference(a, b)
+                shown = f"{z:+.1f}" if z is not None else "-"
+                rows.append(list(key) + [metric, label, f"{statistics.fmean(a):.3f}", f"{statistics.fmean(b):.3f}",
+                                         f"{diff:+.3f}", shown, f"{len(a)} / {len(b)}"])
+    if not rows:
+        return ""
+    header = others + ["test score", f"{REFERENCE_REGIME} minus", REFERENCE_REGIME, "baseline", "difference", "in SE", "n"]
+    out = ["### differences", "",
+           f"The `{REFERENCE_REGIME}` regime minus each baseline: the difference of the means and that difference over "
+           "its standard error, sqrt(s1^2/n1 + s2^2/n2) with sample std over the seeds (`-` where a side has fewer "
+           "than two seeds). With three seeds a difference under about 3 SE is not firm.", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -417,7 +471,7 @@ def write_report(experiment: Experiment) -> Path:
     lines += [f"Run directory: `{directory}`. Cells: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ".", ""]
     if not metric_names(experiment):
         lines += ["No finished cell has a numeric score yet (a generation-only cell has no VQA score).", ""]
-    lines += [tables(experiment), thresholds_table(experiment)]
+    lines += [tables(experiment), differences_table(experiment), thresholds_table(experiment)]
     failed = [c for c in experiment.cells if c.state == "failed"]
     if failed:
         lines += ["## Failed cells", ""]

@@ -360,10 +360,12 @@ def default_out(spec: ExperimentSpec) -> Path:
 
 DEFAULT_CURVES = {"understanding": "val/vqa/total", "generation": "val/gen/total"}  # VQA and generation probes
 CURVE_TASKS = {"understanding": "vqa", "generation": "generation"}
-REPORT_KEYS = {"curves", "lines", "bars", "replicates", "thresholds"}
+REPORT_KEYS = {"curves", "lines", "bars", "replicates", "thresholds", "compare"}
 # Steps until a validation probe first reaches a level (docs/experiments.md): the levels the learned
 # tiny recipe reaches, so that learning sooner shows even where the end points agree.
 DEFAULT_THRESHOLDS = {"val/vqa/position": 0.9, "val/vqa/total": 0.9, "val/gen/weather_pos": 0.9, "val/gen/total": 0.6}
+# The test scores whose mixed-minus-baseline difference ``report`` states in standard errors.
+DEFAULT_COMPARE = ["all_turns.total", "generation.faithfulness.total"]
 
 
 def check_report_options(report: dict, axes: list[str], spec_path) -> None:
@@ -387,3 +389,6 @@ def check_report_options(report: dict, axes: list[str], spec_path) -> None:
     if not isinstance(thresholds, dict) or not all(
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in thresholds.items()):
         raise SpecError(f"{spec_path}: report.thresholds maps a metrics.csv column to a level, e.g. {DEFAULT_THRESHOLDS}")
+    compare = report.get("compare", [])
+    if not isinstance(compare, list) or not all(isinstance(m, str) and "." in m for m in compare):
+        raise SpecError(f"{spec_path}: report.compare lists test scores as scope.metric, e.g. {DEFAULT_COMPARE}")
