@@ -249,13 +249,14 @@ def differences_table(experiment: Experiment) -> str:
             a = [c.scores[metric] for c in reference if metric in c.scores]
             if not a:
                 continue
+            mean_a = f"{statistics.fmean(a):.3f}"
             for label, cells in regimes.items():
                 b = [c.scores[metric] for c in cells if metric in c.scores]
                 if label == REFERENCE_REGIME or not b:
                     continue
                 diff, z = difference(a, b)
                 shown = f"{z:+.1f}" if z is not None else "-"
-                rows.append(list(key) + [metric, label, f"{statistics.fmean(a):.3f}", f"{statistics.fmean(b):.3f}",
+                rows.append(list(key) + [metric, label, mean_a, f"{statistics.fmean(b):.3f}",
                                          f"{diff:+.3f}", shown, f"{len(a)} / {len(b)}"])
     if not rows:
         return ""
