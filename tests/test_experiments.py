@@ -282,10 +282,13 @@ def test_archive_keeps_what_the_report_reads_and_grows_across_machines(tmp_path,
         "strength=0.1__seed=0", "strength=0.1__seed=1", "strength=0.3__seed=0"]
     cell = kept / "strength=0.3__seed=0"
     assert not (cell / "checkpoints").exists() and "results" not in json.loads((cell / results.SCORES).read_text())
-    assert report_main([str(kept)]) == 0
+    # one command leaves both reports: the run directory's (its own cells) and the archive's (all of them)
+    assert (second / "report.md").is_file() and f"wrote {kept / 'report.md'}" in capsys.readouterr().out
     text = (kept / "report.md").read_text()
     mean, std = statistics.fmean([0.5, 0.7]), statistics.stdev([0.5, 0.7])
     assert f"| 0.1 | {0.3:.3f} ± {0.0707:.3f} | {mean:.3f} ± {std:.3f} | 2 |  |" in text
+    assert report_main([str(kept)]) == 0  # where the run directories are gone, the same report
+    assert (kept / "report.md").read_text() == text
     assert [c.state for c in load_report(str(kept)).cells] == ["done", "done", "done", "not run"]
     assert len(load_report(str(kept)).cells[0].metrics) == 2  # the training curve came along
     other = write(tmp_path / "other.yaml", {"name": "other", "base": BASE,
@@ -317,7 +320,7 @@ def test_a_new_checkout_skips_the_cells_finished_in_an_archive(tmp_path, capsys)
     # every selected cell archived: nothing runs, the command succeeds and names the archive's report
     assert experiment_main([str(spec_path), "--out", str(fresh), "--archive", str(kept), "--only", "seed=0,strength=0.1"]) == 0
     printed = capsys.readouterr().out
-    assert "1/1 cell(s) done" in printed and f"report {kept}" in printed
+    assert "1/1 cell(s) done" in printed and f"--archive {kept}" in printed
     assert not (fresh / "strength=0.1__seed=0").exists()
 
     assert experiment_main([str(spec_path), "--archive", str(tmp_path / "nowhere"), "--dry-run"]) == 2

@@ -524,16 +524,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default=None, help="the experiment's run directory when it is not the default runs/experiments/<name>")
     parser.add_argument("--archive", default=None, metavar="DIR",
                         help="also copy every finished cell's scores and training log (a few KB each) into DIR, beside "
-                             "cells archived there before; `report DIR` redraws the report where the run directory is gone")
+                             "cells archived there before, and write DIR's own report over all its cells; `report DIR` "
+                             "redraws that report where the run directory is gone")
     args = parser.parse_args(argv)
     from unified_vlm.experiments.spec import SpecError
 
     try:
         experiment = load(args.target, args.out)
+        path = write_report(experiment)
         if args.archive:
             copied = archive(experiment, Path(args.archive))
             print(f"archived {len(copied)} finished cell(s) in {args.archive}")
-        path = write_report(experiment)
+            # the report a reader wants is the archive's: every cell of every machine, not this run's alone
+            print(f"wrote {path} (this run directory's cells)")
+            path = write_report(load(args.archive))
     except (SpecError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

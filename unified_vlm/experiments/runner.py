@@ -325,10 +325,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = sorted(c for c, s in outcome.items() if s != "done")
     print(f"{len(outcome) - len(failed)}/{len(outcome)} cell(s) done" + (f"; not done: {', '.join(failed)}" if failed else ""))
     out_option = f" --out {shlex.quote(str(out_dir))}" if args.out else ""
-    if args.archive:  # the report of all cells is the archive's, once the new ones are added to it
-        archive = shlex.quote(str(args.archive))
-        print(f"tables and figures: python -m unified_vlm report {shlex.quote(str(spec.path))}{out_option} --archive {archive}"
-              f" && python -m unified_vlm report {archive}")
+    if args.archive:  # adds the new cells to the archive and writes its report, over every archived cell
+        print(f"tables and figures: python -m unified_vlm report {shlex.quote(str(spec.path))}{out_option}"
+              f" --archive {shlex.quote(str(args.archive))}")
     else:
         print(f"tables and figures: python -m unified_vlm report {shlex.quote(str(spec.path))}{out_option}")
     return 1 if failed else 0
