@@ -218,14 +218,20 @@ def thresholds_table(experiment: Experiment) -> str:
 REFERENCE_REGIME = "mixed"
 
 
-def difference(a: list[float], b: list[float]) -> tuple[float, Optional[float]]:
-    """Mean of ``a`` minus mean of ``b``, and that difference over its standard error
-    sqrt(s_a^2/n_a + s_b^2/n_b) (Welch's); None where a side has one value or both have no spread."""
-    diff = statistics.fmean(a) - statistics.fmean(b)
+def standard_error(a: list[float], b: list[float]) -> Optional[float]:
+    """The standard error of mean(a) - mean(b), sqrt(s_a^2/n_a + s_b^2/n_b) (Welch's); None where a
+    side has one value."""
     if len(a) < 2 or len(b) < 2:
-        return diff, None
-    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    return diff, (diff / se if se > 0 else None)
+        return None
+    return math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+
+
+def difference(a: list[float], b: list[float]) -> tuple[float, Optional[float]]:
+    """Mean of ``a`` minus mean of ``b``, and that difference over its standard error; None where a
+    side has one value or both have no spread."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se = standard_error(a, b)
+    return diff, (diff / se if se else None)
 
 
 def differences_table(experiment: Experiment) -> str:
@@ -362,22 +368,35 @@ def default_metrics(experiment: Experiment, count: Optional[int] = None) -> list
     return preferred[:count] if count else preferred
 
 
-def line_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Optional[Path]:
-    """Score vs axis value with error bars (std over seeds), one line per group of the other axes."""
-    axis = spec["axis"]
+def line_metrics(experiment: Experiment, spec: dict[str, Any]) -> list[str]:
+    """The scores a ``report.lines`` entry draws: its ``metrics`` (default: the totals) that some cell has."""
     names = metric_names(experiment)
     wanted = spec.get("metrics") or [m for m in default_metrics(experiment) if m.endswith("total")] or default_metrics(experiment, 1)
-    metrics = [m for m in wanted if m in names]
-    if not metrics:
-        return None
+    return [m for m in wanted if m in names]
+
+
+def axis_positions(experiment: Experiment, spec: dict[str, Any]) -> tuple[list[str], dict[str, Optional[float]]]:
+    """The labels of a ``report.lines`` entry's axis and the x of each: from its ``x`` mapping, else the
+    label read as a number. With a mapping, a label left out of it (e.g. "none" beside strengths) has
+    x None: a reference, drawn as a dashed horizontal line instead of a point."""
+    axis = spec["axis"]
     positions = {str(k): float(v) for k, v in (spec.get("x") or {}).items()}
     labels = next(a["labels"] for a in experiment.axes if a["name"] == axis)
     x_of = {label: positions.get(label, _numeric(label)) for label in labels}
-    # With an explicit x mapping, a label left out of it (e.g. "none" beside strengths) is a
-    # reference: drawn as a dashed horizontal line at its mean instead of a point.
     references = [label for label, v in x_of.items() if v is None]
     if references and not spec.get("x"):
         raise ValueError(f"report.lines for axis {axis!r}: labels {references} are not numbers; give x: {{label: number}}")
+    return labels, x_of
+
+
+def line_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Optional[Path]:
+    """Score vs axis value with error bars (std over seeds), one line per group of the other axes."""
+    axis = spec["axis"]
+    metrics = line_metrics(experiment, spec)
+    if not metrics:
+        return None
+    labels, x_of = axis_positions(experiment, spec)
+    references = [label for label, v in x_of.items() if v is None]
     others = [a for a in experiment.group_axes if a != axis]
     series: dict[tuple[str, ...], dict[str, list[CellResult]]] = {}
     for cell in experiment.cells:
@@ -405,6 +424,61 @@ def line_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Opt
                     ax.axhline(mean_std(values)[0], linestyle="--", linewidth=1, color=colour, label=f"{name}, {axis}={label}")
         ax.set_xlabel(axis)
         ax.set_ylabel(metric)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def gain_points(experiment: Experiment, spec: dict[str, Any]) -> dict[tuple[str, str, tuple[str, ...]], list[tuple[float, float, Optional[float]]]]:
+    """The mixed regime's gain over each baseline along a ``report.lines`` axis (e.g. model size):
+    for each (score, baseline, group of the remaining axes), the points (x, mixed mean minus baseline
+    mean, its standard error or None) at every axis label with both sides scored. Empty where the
+    experiment has no regime axis, or the line's axis is the regime."""
+    regime, axis = experiment.axis("regime"), spec["axis"]
+    if regime is None or axis == regime:
+        return {}
+    labels, x_of = axis_positions(experiment, spec)
+    others = [a for a in experiment.group_axes if a not in (axis, regime)]
+    by: dict[tuple[tuple[str, ...], str, str], list[CellResult]] = {}
+    for cell in experiment.cells:
+        if cell.scores is not None:
+            by.setdefault((tuple(cell.labels[a] for a in others), cell.labels[axis], cell.labels[regime]), []).append(cell)
+    baselines = [r for r in next(a["labels"] for a in experiment.axes if a["name"] == regime) if r != REFERENCE_REGIME]
+    points: dict[tuple[str, str, tuple[str, ...]], list[tuple[float, float, Optional[float]]]] = {}
+    for metric in line_metrics(experiment, spec):
+        for key in dict.fromkeys(k for k, _, _ in by):
+            for baseline in baselines:
+                for label in labels:
+                    mixed = [c.scores[metric] for c in by.get((key, label, REFERENCE_REGIME), []) if metric in c.scores]
+                    base = [c.scores[metric] for c in by.get((key, label, baseline), []) if metric in c.scores]
+                    if mixed and base and x_of[label] is not None:
+                        diff = statistics.fmean(mixed) - statistics.fmean(base)
+                        points.setdefault((metric, baseline, key), []).append((x_of[label], diff, standard_error(mixed, base)))
+    return points
+
+
+def gain_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Optional[Path]:
+    """Mixed minus each baseline vs the axis of a ``report.lines`` entry, ±1 standard error: where the
+    gain of mixing changes sign along model size (docs/experiments.md)."""
+    points = gain_points(experiment, spec)
+    if not points:
+        return None
+    metrics = list(dict.fromkeys(metric for metric, _, _ in points))
+    others = [a for a in experiment.group_axes if a not in (spec["axis"], experiment.axis("regime"))]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        for (m, baseline, key), series in points.items():
+            if m != metric:
+                continue
+            xs, ys, ses = zip(*series)
+            name = ", ".join([f"{REFERENCE_REGIME} - {baseline}"] + [f"{a}={label}" for a, label in zip(others, key)])
+            ax.errorbar(xs, ys, yerr=[se or 0.0 for se in ses], marker="o", capsize=3, label=name)
+        ax.set_xlabel(spec["axis"])
+        ax.set_ylabel(f"{metric}: mixed gain (±1 SE)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -460,6 +534,9 @@ def write_report(experiment: Experiment) -> Path:
         figure = line_figure(experiment, spec, directory / f"{spec['axis']}.png")
         if figure:
             figures.append((f"Score vs {spec['axis']} (error bars: std over seeds)", figure))
+        gain = gain_figure(experiment, spec, directory / f"{spec['axis']}_gain.png")
+        if gain:
+            figures.append((f"Mixed minus each baseline vs {spec['axis']} (error bars: ±1 standard error)", gain))
     bars = bars_figure(experiment, directory / "bars.png")
     if bars:
         figures.append(("Scores per group (error bars: std over seeds)", bars))
