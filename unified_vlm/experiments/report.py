@@ -434,7 +434,8 @@ def line_figure(experiment: Experiment, spec: dict[str, Any], path: Path) -> Opt
 def gain_points(experiment: Experiment, spec: dict[str, Any]) -> dict[tuple[str, str, tuple[str, ...]], list[tuple[float, float, Optional[float]]]]:
     """The mixed regime's gain over each baseline along a ``report.lines`` axis (e.g. model size):
     for each (score, baseline, group of the remaining axes), the points (x, mixed mean minus baseline
-    mean, its standard error or None) at every axis label with both sides scored. Empty where the
+    mean, its standard error or None) at every axis label with both sides scored and an x (a
+    reference label, left out of the ``x`` mapping, has no place on a gain axis). Empty where the
     experiment has no regime axis, or the line's axis is the regime."""
     regime, axis = experiment.axis("regime"), spec["axis"]
     if regime is None or axis == regime:
