@@ -75,4 +75,5 @@ def test_sigterm_to_the_runner_stops_its_fit_and_records_the_cell_as_interrupted
     assert not (cell / results.FAILED).exists()
     record = json.loads((cell / INTERRUPTED).read_text())
     assert record["exit_status"] == 143 and record["checkpoint"] == str(cell / "checkpoints" / "last.ckpt")
+    assert record["runs"] == 1 and record["seconds_total"] == record["seconds"] > 0
     assert results.state(cell) == "resume"

@@ -451,16 +451,21 @@ def test_runner_end_to_end_skip_resume_failure_report(tmp_path, tiny_vq_dir, cap
     assert "1 cell(s) already done, skipped" in capsys.readouterr().out
     assert (ok / "log.txt").stat().st_size == log_size
 
-    # an interrupted cell (checkpoint at step 2, no done marker) resumes to the longer schedule
+    # an interrupted cell (checkpoint at step 2, no done marker) resumes to the longer schedule, and its
+    # record adds the earlier run's time to this one's
     (ok / results.DONE).unlink()
     (ok / results.SCORES).unlink()
+    (ok / "interrupted.json").write_text(json.dumps({"exit_status": 143, "seconds": 100.0, "seconds_total": 100.0, "runs": 1}))
     experiment["fixed"]["trainer.max_steps"] = 3
     write(spec_path, experiment)
     assert experiment_main([str(spec_path), "--out", str(out), "--only", "variant=ok", "--dry-run"]) == 0
     assert f"--ckpt_path {ok / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().out
     assert experiment_main([str(spec_path), "--out", str(out), "--only", "variant=ok"]) == 0
-    assert json.loads((ok / results.DONE).read_text())["resumed"] is True
+    done = json.loads((ok / results.DONE).read_text())
+    assert done["resumed"] is True and done["runs"] == 2 and done["seconds_total"] == round(100.0 + done["seconds"], 1)
+    assert not (ok / "interrupted.json").exists()
     assert "resume from" in (ok / "log.txt").read_text()
+    assert f"done after {done['seconds']} s ({done['seconds_total']} s over 2 run(s))" in (ok / "log.txt").read_text()
     assert torch.load(ok / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 3
     steps = [r["step"] for r in results.read_csv(ok / "metrics.csv") if "train/loss" in r]
     assert len(results.versions(ok)) == 2 and sorted(set(steps)) == sorted(steps), "no step logged twice"

@@ -86,6 +86,20 @@ def _log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def earlier_running_time(directory: Path) -> tuple[float, int]:
+    """Seconds and runs recorded by the cell's last interrupted or failed run (0, 0 when none was
+    recorded, e.g. after a hard kill), so that a resumed cell's record gives its whole cost."""
+    for name in (INTERRUPTED, results.FAILED):
+        path = directory / name
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text())
+                return float(record.get("seconds_total", record.get("seconds", 0.0))), int(record.get("runs", 1))
+            except (ValueError, TypeError, AttributeError):
+                return 0.0, 0  # a torn or hand-edited record: count from here
+    return 0.0, 0
+
+
 class Runner:
     """Runs planned cells with ``workers`` side by side; Ctrl-C or SIGTERM stops the running cells (they
     save ``last.ckpt`` and resume next time)."""
@@ -117,6 +131,7 @@ class Runner:
             return "done"
         resume = plan.checkpoint.is_file()
         cmd = command(plan, resume)
+        earlier_seconds, earlier_runs = earlier_running_time(directory) if resume else (0.0, 0)
         (directory / results.FAILED).unlink(missing_ok=True)
         (directory / INTERRUPTED).unlink(missing_ok=True)
         _write_json(directory / "cell.json", {
@@ -142,20 +157,26 @@ class Runner:
                 with self._lock:
                     self._running.discard(process)
         seconds = round(time.time() - start, 1)
+        # what the cell cost over all its runs (an interrupted cell resumes, maybe several times)
+        timing = {"seconds": seconds, "seconds_total": round(earlier_seconds + seconds, 1), "runs": earlier_runs + 1}
         scores = results.latest_scores(directory)
         if rc == 0 and scores is not None:
             shutil.copyfile(scores, directory / results.SCORES)
             results.write_metrics(results.merged_metrics(directory), directory / results.METRICS)
-            _write_json(directory / results.DONE, {"finished": _now(), "seconds": seconds, "resumed": resume, "command": cmd})
-            return "done"
-        if rc < 0 or rc in (130, 143):
-            _write_json(directory / INTERRUPTED, {"interrupted": _now(), "exit_status": rc, "seconds": seconds, "log": str(log),
+            _write_json(directory / results.DONE, {"finished": _now(), **timing, "resumed": resume, "command": cmd})
+            state = "done"
+        elif rc < 0 or rc in (130, 143):
+            _write_json(directory / INTERRUPTED, {"interrupted": _now(), "exit_status": rc, **timing, "log": str(log),
                                                   "checkpoint": str(plan.checkpoint) if plan.checkpoint.is_file() else None})
-            return "interrupted"
-        reason = f"exit status {rc}" if rc else "fit exited 0 but wrote no test_scores.json"
-        _write_json(directory / results.FAILED, {"failed": _now(), "reason": reason, "seconds": seconds, "log": str(log),
-                                                  "command": cmd, "log_tail": _log_tail(log)})
-        return "failed"
+            state = "interrupted"
+        else:
+            reason = f"exit status {rc}" if rc else "fit exited 0 but wrote no test_scores.json"
+            _write_json(directory / results.FAILED, {"failed": _now(), "reason": reason, **timing, "log": str(log),
+                                                      "command": cmd, "log_tail": _log_tail(log)})
+            state = "failed"
+        with open(log, "a") as out:
+            out.write(f"===== {_now()} {state} after {seconds} s ({timing['seconds_total']} s over {timing['runs']} run(s))\n")
+        return state
 
     def run(self, plans: list[CellPlan]) -> dict[str, str]:
         """Run the cells that are not done; returns cell id -> final state."""
