@@ -163,19 +163,18 @@ class Runner:
         if rc == 0 and scores is not None:
             shutil.copyfile(scores, directory / results.SCORES)
             results.write_metrics(results.merged_metrics(directory), directory / results.METRICS)
-            _write_json(directory / results.DONE, {"finished": _now(), **timing, "resumed": resume, "command": cmd})
-            state = "done"
+            state, record = "done", {"finished": _now(), **timing, "resumed": resume, "command": cmd}
         elif rc < 0 or rc in (130, 143):
-            _write_json(directory / INTERRUPTED, {"interrupted": _now(), "exit_status": rc, **timing, "log": str(log),
-                                                  "checkpoint": str(plan.checkpoint) if plan.checkpoint.is_file() else None})
-            state = "interrupted"
+            state, record = "interrupted", {"interrupted": _now(), "exit_status": rc, **timing, "log": str(log),
+                                            "checkpoint": str(plan.checkpoint) if plan.checkpoint.is_file() else None}
         else:
             reason = f"exit status {rc}" if rc else "fit exited 0 but wrote no test_scores.json"
-            _write_json(directory / results.FAILED, {"failed": _now(), "reason": reason, **timing, "log": str(log),
-                                                      "command": cmd, "log_tail": _log_tail(log)})
-            state = "failed"
+            state, record = "failed", {"failed": _now(), "reason": reason, **timing, "log": str(log),
+                                       "command": cmd, "log_tail": _log_tail(log)}
         with open(log, "a") as out:
             out.write(f"===== {_now()} {state} after {seconds} s ({timing['seconds_total']} s over {timing['runs']} run(s))\n")
+        # the state file last: a cell is "done" only once everything else about it is written
+        _write_json(directory / {"done": results.DONE, "interrupted": INTERRUPTED, "failed": results.FAILED}[state], record)
         return state
 
     def run(self, plans: list[CellPlan]) -> dict[str, str]:
